@@ -1,0 +1,1 @@
+"""Stage 1: the RVQ tokenizer (quantizer math, autoencoder, losses, training task)."""

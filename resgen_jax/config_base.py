@@ -1,0 +1,117 @@
+"""The config schema every experiment config starts from.
+
+Each file under ``configs/`` calls :func:`base_config` and changes what its experiment
+needs; any field can then be overridden on the command line, e.g.
+``--config.tokenizer.quantizer.depth=16``. Field comments say what each field means.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Fields that may differ between a run's saved config.json and the config that resumes it:
+# they change how long or how verbosely a run goes, not what its checkpoints contain.
+RESUMABLE_FIELDS = (
+    "stages",
+    "tokenizer.train.num_steps",
+    "tokenizer.train.log_every",
+    "tokenizer.train.eval_every",
+    "tokenizer.train.eval_examples",
+    "tokenizer.train.checkpoint_every",
+    "tokenizer.train.keep_checkpoints",
+    "tokenizer.train.async_checkpoints",
+    "data.data_dir",
+    "data.path",
+    "data.eval_path",
+    "data.download",
+)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimizer, schedule, batch and bookkeeping of one training stage."""
+  cfg = ml_collections.ConfigDict(dict(
+      batch_size=64,  # global batch (all processes and devices together)
+      num_steps=1000,  # optimizer steps of this stage
+      learning_rate=1e-3,  # peak learning rate after warmup
+      lr_min_ratio=0.1,  # final learning rate as a fraction of the peak (cosine decay)
+      warmup_steps=50,  # linear warmup steps
+      weight_decay=0.0,  # AdamW decoupled weight decay
+      b1=0.9,  # Adam beta1
+      b2=0.99,  # Adam beta2
+      grad_clip=1.0,  # clip by global norm; 0 disables
+      ema_decay=0.0,  # EMA of parameters for evaluation/sampling; 0 disables
+      log_every=50,  # steps between train metric rows (mean over the interval)
+      eval_every=500,  # steps between evaluations; 0 evaluates only at the end
+      eval_examples=0,  # examples per evaluation; 0 means the whole eval split
+      eval_batch_size=256,  # global batch size of evaluation / encoding passes
+      checkpoint_every=500,  # steps between checkpoints (also at the end and on SIGTERM)
+      keep_checkpoints=2,  # how many checkpoints to keep
+      async_checkpoints=True,  # save in the background while training continues
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """RVQ tokenizer (method.md section 1). Defaults are a small model; configs scale it."""
+  return ml_collections.ConfigDict(dict(
+      model=dict(
+          channels=32,  # base channel count of the conv encoder/decoder
+          channel_multipliers=(1, 2, 2),  # per level; downsampling 2**(len-1)
+          num_res_blocks=1,  # residual blocks per level
+          latent_dim=16,  # d_z, width of the quantized latent
+          norm_groups=8,  # GroupNorm groups (must divide every channel count)
+          mid_attention=False,  # self-attention at the lowest resolution (RQ-VAE: True)
+          dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+      ),
+      quantizer=dict(
+          depth=4,  # D, residual quantization stages
+          codebook_size=64,  # V, codes per book
+          shared_codebook=False,  # one book for every depth (RQ-VAE) or one per depth
+          ema_decay=0.99,  # EMA decay of the codebook statistics
+          ema_eps=1e-5,  # Laplace smoothing of the EMA cluster sizes
+          dead_code_threshold=0.1,  # restart codes whose EMA count falls below; 0 disables
+          commitment_weight=0.25,  # weight of ||z - sg(partial sums)||^2
+          kmeans_init=True,  # k-means codebooks from the first batch
+          kmeans_iters=10,  # Lloyd iterations of that initialisation
+          dropout_prob=0.0,  # quantizer dropout: prob. of training with a random depth
+          init_scale=1.0,  # std of random initial codebooks (before k-means/restarts)
+      ),
+      loss=dict(
+          recon="l2",  # reconstruction loss: l1 or l2
+          recon_weight=1.0,  # weight of the reconstruction loss
+          perceptual_weight=0.0,  # LPIPS weight; needs perceptual_weights
+          perceptual_weights="",  # path of an LPIPS .npz (see codec/losses.py for the format)
+          gan_weight=0.0,  # hinge-GAN generator weight; 0 disables the discriminator
+          gan_start_step=0,  # GAN losses are off before this step
+          disc_channels=64,  # PatchGAN base channels
+          disc_layers=3,  # PatchGAN strided blocks
+      ),
+      train=train_config(),
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run, with small defaults."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,  # root seed; each stage folds its name in
+      stages=("tokenizer", "encode"),  # what --mode=train runs, in order
+      mesh=dict(
+          axes=("data",),  # mesh axis names
+          shape=(-1,),  # sizes; -1 = all remaining devices
+      ),
+      data=dict(
+          name="digits",  # digits | npz | folder | mnist | cifar10 | imagenet2012
+          path="",  # npz file or image folder (train split) for npz / folder
+          eval_path="",  # npz file or folder for the eval split (default: path)
+          data_dir=None,  # TFDS data_dir
+          download=False,  # let TFDS download (never at test time)
+          image_size=16,  # images are resized / center-cropped to this size
+          num_classes=10,  # labels must lie in [0, num_classes)
+          random_flip=False,  # random horizontal flips in training
+          train_split="train",  # split names
+          eval_split="test",
+          shuffle_buffer=10_000,  # streaming (imagenet2012) shuffle buffer
+      ),
+      tokenizer=tokenizer_config(),
+  ))

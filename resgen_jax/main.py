@@ -1,0 +1,45 @@
+"""Command-line entry point.
+
+    python -m resgen_jax.main --config=configs/digits.py --workdir=DIR [--mode=train]
+
+``--mode=train`` runs the stages the config lists (``config.stages``); ``--mode=encode``
+runs only the token-caching stage. Any config field can be overridden, e.g.
+``--config.tokenizer.quantizer.depth=16``. Rerunning a command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "encode"],
+                          "train: run config.stages; encode: only cache tokens.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+MODE_STAGES = {"train": None, "encode": ("encode",)}
+
+
+def _hide_gpus_from_tensorflow():
+  """TensorFlow (data loading, summaries) must not take accelerator memory from JAX."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _hide_gpus_from_tensorflow()
+  import jax  # pylint: disable=g-import-not-at-top
+  from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  pipeline.run(_CONFIG.value, _WORKDIR.value, MODE_STAGES[_MODE.value])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,202 @@
+"""Runs the stages a config lists (``config.stages``) in order, each resumable.
+
+Stages:
+  ``tokenizer``: trains the RVQ tokenizer (``DIR/tokenizer/``), then writes its report:
+      ``results.json`` (PSNR per depth prefix on the eval split) and ``reconstructions.png``
+      (row 1: originals; row j + 1: reconstruction from the first j depths).
+  ``encode``: encodes the train and eval splits once into ``DIR/tokens/`` for the generator.
+
+A stage whose results exist is not run again, and nothing it wrote is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Dict, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resgen_jax import config_base
+from resgen_jax import data as data_lib
+from resgen_jax.codec import token_cache
+from resgen_jax.codec.tokenizer import TokenizerTask, prefix_psnr
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import trainer
+from resgen_jax.utils import files
+from resgen_jax.utils import images as image_utils
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+RECON_FILE = "reconstructions.png"
+RECON_EXAMPLES = 8  # columns of the reconstruction grid
+
+
+# ----------------------------------------------------------------------------------------
+# The run's config: written once, checked on every resume.
+# ----------------------------------------------------------------------------------------
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list:
+  """Dotted field names whose values differ (present in either) and are not resumable."""
+  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and k not in config_base.RESUMABLE_FIELDS)
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = config.to_dict()
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    diff = config_differences(saved, current)
+    if diff:
+      raise ValueError(
+          f"{workdir} holds a run with a different config (fields: {', '.join(diff)}); "
+          f"resuming would mix incompatible checkpoints. Use a new --workdir, or the "
+          f"config in {path}.")
+  if jax.process_index() == 0:
+    files.save_json(path, json.loads(config.to_json()))
+
+
+# ----------------------------------------------------------------------------------------
+# Stages.
+# ----------------------------------------------------------------------------------------
+
+
+def eval_pass(config, split: str, max_examples=None) -> Callable[[], Iterable[dict]]:
+  """Returns a factory of sequential passes over ``split`` (local batches with ``valid``).
+
+  A random-access source is loaded once and shared by every pass; a streamed one
+  (imagenet2012) is re-opened per pass.
+  """
+  pid, count = jax.process_index(), jax.process_count()
+  batch_size = config.tokenizer.train.eval_batch_size
+  if config.data.name in data_lib.sources.STREAMING_SOURCES:
+    return lambda: data_lib.eval_batches(config.data, split, batch_size, pid, count,
+                                         max_examples=max_examples)
+  source = data_lib.load_source(config.data, split)
+  return lambda: data_lib.sequential_batches(source, batch_size, pid, count,
+                                             max_examples=max_examples)
+
+
+def example_batch(passes: Callable[[], Iterable[dict]], mesh) -> dict:
+  """The first batch of a pass (global, without the valid mask), for shapes."""
+  local = next(iter(passes()))
+  return mesh_lib.global_batch({k: v for k, v in local.items() if k != "valid"}, mesh)
+
+
+def make_tokenizer_task(config, image_channels: int) -> TokenizerTask:
+  task = TokenizerTask(config.tokenizer, image_channels)
+  data_lib.check_image_size(config.data.image_size, task.tok.downsample)
+  return task
+
+
+def run_tokenizer(config, workdir: str, mesh) -> None:
+  tcfg = config.tokenizer.train
+  mesh_lib.check_batch_size(tcfg.batch_size, mesh)
+  mesh_lib.check_batch_size(tcfg.eval_batch_size, mesh)
+  full_eval = eval_pass(config, config.data.eval_split)
+  example = example_batch(full_eval, mesh)
+  task = make_tokenizer_task(config, example["image"].shape[-1])
+  train_iter = data_lib.make_train_iterator(config.data, tcfg.batch_size, config.seed,
+                                            jax.process_index(), jax.process_count())
+  periodic_eval = eval_pass(config, config.data.eval_split, tcfg.eval_examples or None)
+  result = trainer.train_and_evaluate(task, tcfg, workdir, train_iter, periodic_eval, mesh,
+                                      config.seed)
+  if result.preempted:
+    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+  write_tokenizer_report(task, result.state, config, workdir, full_eval, example, mesh)
+
+
+def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
+                           full_eval: Callable[[], Iterable[dict]], example: dict,
+                           mesh) -> dict:
+  """PSNR per depth prefix over the whole eval split and a reconstruction grid; a report
+  that exists is read back, never rewritten."""
+  stage_dir = os.path.join(workdir, task.name)
+  path = os.path.join(stage_dir, RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  eval_step = jax.jit(trainer.make_eval_step(task))
+  metrics = trainer.evaluate(eval_step, state, task.constants(), full_eval(), mesh)
+  report = {"step": int(state.step), "eval_split": config.data.eval_split,
+            "psnr_by_depth": [metrics[f"psnr_d{j + 1}"] for j in range(task.tok.depth)]}
+  if jax.process_index() == 0:
+    images = np.asarray(example["image"][:RECON_EXAMPLES])
+    params, books = state.eval_params()["autoencoder"], state.model_state["codebook"].codebooks
+    codes = task.tok.encode(params, books, jnp.asarray(images))
+    rows = [images] + [image_utils.to_uint8(task.tok.decode(params, books, codes, j + 1))
+                       for j in range(task.tok.depth)]
+    image_utils.save_png(os.path.join(stage_dir, RECON_FILE),
+                         image_utils.grid(np.concatenate(rows), RECON_EXAMPLES))
+    files.save_json(path, report)
+  logging.info("tokenizer PSNR by depth prefix: %s",
+               ", ".join(f"{p:.2f}" for p in report["psnr_by_depth"]))
+  return report
+
+
+def run_encode(config, workdir: str, mesh) -> None:
+  """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
+  tcfg = config.tokenizer.train
+  passes = {split: eval_pass(config, split)
+            for split in (config.data.train_split, config.data.eval_split)}
+  example = example_batch(passes[config.data.eval_split], mesh)
+  task = make_tokenizer_task(config, example["image"].shape[-1])
+  state = trainer.load_trained_state(task, tcfg, workdir, example, mesh, config.seed)
+  splits = tuple(passes)
+  h, w = task.tok.grid_shape(config.data.image_size)
+  meta = {"grid": [h, w], "depth": task.tok.depth, "codebook_size": task.tok.codebook_size,
+          "tokenizer_step": int(state.step), "image_size": config.data.image_size}
+  if token_cache.is_cached(workdir, splits, meta):
+    logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
+    return
+  params, books = state.eval_params()["autoencoder"], state.model_state["codebook"].codebooks
+  encode = jax.jit(task.tok.encode)
+
+  def encode_local(batch):
+    codes = encode(params, books, mesh_lib.global_batch({"image": batch["image"]}, mesh)["image"])
+    shards = sorted((s for s in codes.addressable_shards if s.replica_id == 0),
+                    key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+  for split, batches in passes.items():
+    codes, labels = token_cache.encode_split(encode_local, batches(), task.tok.codebook_size)
+    path = token_cache.write_split(workdir, split, codes, labels)
+    logging.info("encoded %d %s examples into %s", len(codes), split, path)
+  token_cache.write_meta(workdir, meta)
+
+
+STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
+  """Runs ``stages`` (default ``config.stages``) in order in ``workdir``."""
+  stages = tuple(config.stages if stages is None else stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown}; known: {sorted(STAGES)}")
+  os.makedirs(workdir, exist_ok=True)
+  write_run_config(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
+  for stage in stages:
+    logging.info("stage %s", stage)
+    STAGES[stage](config, workdir, mesh)

@@ -1,0 +1,27 @@
+"""Optimizer chain from a ``train`` config: AdamW with warmup + cosine decay and clipping."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to ``learning_rate`` then cosine decay to ``lr_min_ratio`` of it."""
+  if cfg.warmup_steps >= cfg.num_steps:
+    raise ValueError(
+        f"train.warmup_steps ({cfg.warmup_steps}) must be below train.num_steps "
+        f"({cfg.num_steps})")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.num_steps, end_value=cfg.learning_rate * cfg.lr_min_ratio)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping (if ``grad_clip > 0``) followed by AdamW."""
+  if cfg.learning_rate <= 0:
+    raise ValueError(f"train.learning_rate must be positive, got {cfg.learning_rate}")
+  chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  chain.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                           weight_decay=cfg.weight_decay))
+  return optax.chain(*chain)

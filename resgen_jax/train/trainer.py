@@ -1,0 +1,327 @@
+"""The one training loop every stage shares.
+
+``train_and_evaluate`` runs a :class:`~resgen_jax.train.task.Task` for ``train.num_steps``
+steps: jit over a device mesh (parameters replicated, batch sharded over ``data``), an optax
+chain from the config, optional EMA of the parameters for evaluation, orbax checkpoints
+(periodic async saves, keep-N, automatic resume including the data iterator position, a
+save on SIGTERM), per-step RNG by folding the step into the seed, and a stop with an error
+naming the step on a non-finite loss (the update of that step is never applied, so the last
+checkpoint stays good).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import zlib
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from clu import periodic_actions
+
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import optim, writers
+from resgen_jax.train.task import Task
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints"
+NO_NONFINITE_STEP = -1  # TrainState.nonfinite_step while every loss so far was finite.
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a terminated job
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly.
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: trained parameters.
+    opt_state: optax state.
+    model_state: the task's non-gradient state (e.g. EMA codebooks).
+    ema_params: EMA of ``params`` (``{}`` when disabled), used for evaluation and sampling.
+    nonfinite_step: first step whose loss or gradient was not finite, or -1.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  model_state: PyTree
+  ema_params: PyTree
+  nonfinite_step: jax.Array
+
+  def eval_params(self) -> PyTree:
+    """The parameters to evaluate and sample with: the EMA when it is kept."""
+    return self.ema_params if self.ema_params else self.params
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  finished: bool  # reached train.num_steps (now or in an earlier run)
+  preempted: bool  # stopped early by SIGTERM after saving
+
+
+def stage_key(seed: int, stage: str) -> jax.Array:
+  """The root key of a stage: the run seed with a stable hash of the stage name folded in,
+  so stages draw independent streams that do not change between processes or runs."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
+
+
+def step_rng(seed_key: jax.Array, step) -> jax.Array:
+  """The RNG of one step: the seed with the step folded in, so a resumed run continues the
+  same stream."""
+  return jax.random.fold_in(seed_key, step)
+
+
+def create_train_state(task: Task, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       batch: dict, ema: bool, sharding) -> TrainState:
+  """Initialises the state directly with ``sharding`` (no full copy on one device first)."""
+
+  def init(rng, batch):
+    params, model_state = task.init(rng, batch)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), model_state=model_state,
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+                      nonfinite_step=jnp.full((), NO_NONFINITE_STEP, jnp.int32))
+
+  return jax.jit(init, out_shardings=sharding)(rng, batch)
+
+
+def abstract_train_state(task: Task, optimizer: optax.GradientTransformation,
+                         rng: jax.Array, batch: dict, ema: bool, sharding) -> TrainState:
+  """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
+  abstract = jax.eval_shape(
+      lambda: create_train_state(task, optimizer, rng, batch, ema, sharding))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract)
+
+
+def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
+                       batch: dict, mesh, seed: int) -> TrainState:
+  """The latest checkpoint of a trained stage, for evaluation, encoding or sampling.
+
+  Args:
+    batch: an example global batch (for shapes).
+  """
+  stage_dir = os.path.join(workdir, task.name)
+  manager = checkpoint_manager(stage_dir, cfg)
+  latest = manager.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f"no checkpoint of the '{task.name}' stage in {manager.directory}; train it first")
+  init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
+  abstract = abstract_train_state(task, optim.make_optimizer(cfg), init_key, batch,
+                                  cfg.ema_decay > 0, mesh_lib.replicated(mesh))
+  state, _ = restore_state(manager, latest, abstract)
+  manager.close()
+  return state
+
+
+def make_train_step(task: Task, optimizer: optax.GradientTransformation,
+                    lr_fn: Callable, ema_decay: float) -> Callable:
+  """Returns ``train_step(state, constants, batch, seed_key) -> (state, metrics)``."""
+
+  def train_step(state: TrainState, constants, batch, seed_key):
+    rng = step_rng(seed_key, state.step)
+    loss, grads, model_state, metrics = task.loss_and_grads(
+        state.params, state.model_state, constants, batch, rng, state.step)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = (jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                               state.ema_params, params) if state.ema_params else {})
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        model_state=model_state, ema_params=ema_params)
+    # A non-finite step is never applied: the state stays as it was and the step is noted.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    # Steps are numbered as logged: the update that completes step n is step n.
+    first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step + 1,
+                          state.nonfinite_step)
+    new = new.replace(step=state.step + 1, nonfinite_step=first_bad)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=lr_fn(state.step))
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(task: Task) -> Callable:
+  return lambda state, constants, batch: task.eval_step(
+      state.eval_params(), state.model_state, constants, batch)
+
+
+def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterable[dict],
+             mesh) -> dict:
+  """Averages the task's per-batch metric sums over ``batches`` (dicts of local shards)."""
+  totals = None
+  for local in batches:
+    sums = eval_step(state, constants, mesh_lib.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("the evaluation split yielded no batches")
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  return {k: float(v) / count for k, v in totals.items()}
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag the loop polls, so it can save before exiting. Also asks
+  orbax about multi-host preemption notices when ``jax.distributed`` is initialised."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint before exiting")
+    self.requested = True
+
+  def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    return self.requested or manager.reached_preemption(step)
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def checkpoint_manager(stage_dir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(stage_dir, CHECKPOINT_DIR), options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState):
+  """Restores ``(state, data_state)`` at ``step`` onto the shardings of ``abstract_state``.
+
+  Raises a ValueError naming the checkpoint when its shapes or structure differ from what
+  the current config builds (a checkpoint from another config).
+  """
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore())
+  try:
+    restored = manager.restore(step, args=args)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"the checkpoint {manager.directory}/{step} does not match the model this config "
+        f"builds (was it written by another config?): {e}") from e
+  return restored["state"], restored["data"]
+
+
+def save_state(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> None:
+  check_finite(state, manager)
+  manager.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+
+def check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
+  bad = int(state.nonfinite_step)
+  if bad != NO_NONFINITE_STEP:
+    manager.wait_until_finished()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {bad}; the run stopped and the last good "
+        f"checkpoint (step {manager.latest_step()}) in {manager.directory} is kept")
+
+
+def _mean_metrics(history: list) -> dict:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
+                       train_iter: Iterator[dict], eval_batches: Callable[[], Iterable[dict]],
+                       mesh, seed: int) -> TrainResult:
+  """Trains ``task`` as ``cfg`` (a ``train`` config) says, resuming from ``workdir/<stage>``.
+
+  Args:
+    task: the stage.
+    cfg: optimizer, step counts, intervals and checkpoint options.
+    workdir: the run directory (``metrics.jsonl`` lives here).
+    train_iter: local batches (dicts of numpy arrays) with ``get_state`` / ``set_state``.
+    eval_batches: returns a fresh pass over the evaluation split (local batches with a
+      ``valid`` mask).
+    mesh: the device mesh.
+    seed: the run's seed.
+
+  Returns:
+    :class:`TrainResult`.
+  """
+  stage_dir = os.path.join(workdir, task.name)
+  os.makedirs(stage_dir, exist_ok=True)
+  optimizer = optim.make_optimizer(cfg)
+  lr_fn = optim.learning_rate_schedule(cfg)
+  ema = cfg.ema_decay > 0
+  constants = task.constants()
+  init_key, data_init_key, step_key = jax.random.split(stage_key(seed, task.name), 3)
+  state_sharding = mesh_lib.replicated(mesh)
+
+  manager = checkpoint_manager(stage_dir, cfg)
+  latest = manager.latest_step()
+  position = train_iter.get_state()
+  example = mesh_lib.global_batch(next(train_iter), mesh)  # the first batch, for shapes
+  train_iter.set_state(position)
+  if latest is None:
+    state = create_train_state(task, optimizer, init_key, example, ema, state_sharding)
+    state = state.replace(model_state=jax.jit(task.data_init)(
+        state.params, state.model_state, example, data_init_key))
+    logging.info("%s: starting a new run in %s", task.name, stage_dir)
+  else:
+    abstract = abstract_train_state(task, optimizer, init_key, example, ema, state_sharding)
+    state, data_state = restore_state(manager, latest, abstract)
+    train_iter.set_state(data_state)
+    logging.info("%s: resumed from step %d in %s", task.name, latest, stage_dir)
+
+  start = int(state.step)
+  writer = writers.create_writer(workdir, stage_dir, task.name,
+                                 resume_step=start if latest is not None else 0)
+  if start >= cfg.num_steps:
+    logging.info("%s: already finished (step %d >= %d); nothing to train", task.name, start,
+                 cfg.num_steps)
+    manager.close()
+    return TrainResult(state=state, finished=True, preempted=False)
+
+  train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(task))
+  progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps, writer=writer,
+                                             every_steps=cfg.log_every)
+  watcher = PreemptionWatcher()
+  history, preempted = [], False
+  try:
+    for step in range(start, cfg.num_steps):
+      batch = mesh_lib.global_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, constants, batch, step_key)
+      history.append(metrics)
+      done = step + 1
+      progress(done)
+      if done % cfg.log_every == 0 or done == cfg.num_steps:
+        check_finite(state, manager)
+        writer.write_scalars(done, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+        history = []
+      if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+        result = evaluate(eval_step, state, constants, eval_batches(), mesh)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
+      preempted = watcher.should_stop(manager, done)
+      if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or preempted:
+        save_state(manager, state, train_iter.get_state())
+      if preempted:
+        logging.warning("%s: preempted at step %d; checkpoint saved", task.name, done)
+        break
+  finally:
+    watcher.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+  return TrainResult(state=state, finished=not preempted, preempted=preempted)
+

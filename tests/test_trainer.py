@@ -1,0 +1,159 @@
+"""The shared trainer on a toy task: resume, non-finite stop, preemption, metrics files."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resgen_jax import config_base
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import trainer
+from resgen_jax.train.task import Task
+
+DIM = 3
+BATCH = 8
+
+
+class LinearTask(Task):
+  """Least squares ``y = x @ w``; model_state counts the examples seen (checkpointed)."""
+  name = "linear"
+
+  def init(self, rng, batch):
+    return {"w": jax.random.normal(rng, (DIM,))}, {"seen": jnp.zeros((), jnp.float32)}
+
+  def loss_and_grads(self, params, model_state, constants, batch, rng, step):
+    def loss_fn(p):
+      noise = 0.01 * jax.random.normal(rng, batch["y"].shape)  # uses the per-step RNG
+      return jnp.mean((batch["x"] @ p["w"] - batch["y"] + noise) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss = loss * batch["scale"][0]  # scale = nan poisons a step
+    seen = model_state["seen"] + batch["x"].shape[0]
+    return loss, grads, {"seen": seen}, {"mse": loss}
+
+  def eval_step(self, params, model_state, constants, batch):
+    err = jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2, -1)
+    valid = batch["valid"].astype(jnp.float32)
+    return {"sq_err": jnp.sum(err * valid), "count": jnp.sum(valid)}
+
+
+class ToyIterator:
+  """Deterministic batches indexed by position; ``poison_at`` makes that batch NaN;
+  ``on_batch`` is called with each batch index drawn."""
+
+  def __init__(self, poison_at=None, on_batch=None):
+    self.n, self.poison_at, self.on_batch = 0, poison_at, on_batch
+
+  def __next__(self):
+    rng = np.random.default_rng(self.n)
+    x = rng.normal(size=(BATCH, DIM)).astype(np.float32)
+    scale = np.full((BATCH,), np.nan if self.n == self.poison_at else 1.0, np.float32)
+    if self.on_batch:
+      self.on_batch(self.n)
+    self.n += 1
+    return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32), "scale": scale}
+
+  def get_state(self):
+    return {"batches": self.n}
+
+  def set_state(self, state):
+    self.n = state["batches"]
+
+
+def eval_batches():
+  rng = np.random.default_rng(1234)
+  x = rng.normal(size=(BATCH, DIM)).astype(np.float32)
+  return [{"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32),
+           "scale": np.ones((BATCH,), np.float32), "valid": np.ones((BATCH,), bool)}]
+
+
+def train_cfg(**kw):
+  base = dict(num_steps=6, warmup_steps=1, learning_rate=0.1, log_every=2, eval_every=3,
+              checkpoint_every=3, async_checkpoints=True, ema_decay=0.5)
+  base.update(kw)
+  return config_base.train_config(**base)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return mesh_lib.make_mesh(("data",), (-1,))
+
+
+def run(workdir, mesh, cfg=None, it=None):
+  return trainer.train_and_evaluate(LinearTask(), cfg or train_cfg(), str(workdir),
+                                    it or ToyIterator(), eval_batches, mesh, seed=0)
+
+
+def assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_preempted_then_resumed_equals_uninterrupted(tmp_path, mesh):
+  full = run(tmp_path / "full", mesh)
+  assert full.finished and int(full.state.step) == 6
+
+  # SIGTERM arrives while step 2 (0-based batch 1) runs: the trainer saves after that step.
+  it = ToyIterator(on_batch=lambda n: n == 1 and os.kill(os.getpid(), signal.SIGTERM))
+  cut = run(tmp_path / "cut", mesh, it=it)
+  assert cut.preempted and int(cut.state.step) == 2
+  resumed = run(tmp_path / "cut", mesh)
+  assert resumed.finished and int(resumed.state.step) == 6
+  assert_same_state(full.state, resumed.state)
+  assert float(resumed.state.model_state["seen"]) == 6 * BATCH
+
+  # A finished run is not trained again and its checkpoints are untouched.
+  ckpt_dir = tmp_path / "full" / "linear" / trainer.CHECKPOINT_DIR
+  before = sorted(os.listdir(ckpt_dir))
+  again = run(tmp_path / "full", mesh)
+  assert again.finished and int(again.state.step) == 6
+  assert sorted(os.listdir(ckpt_dir)) == before
+  assert_same_state(full.state, again.state)
+
+
+def test_metrics_jsonl_rows_and_no_duplicates_after_resume(tmp_path, mesh):
+  it = ToyIterator(on_batch=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
+  run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100), it=it)  # saved at 4 by SIGTERM
+  run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r["step"] for r in rows if "train/loss" in r]
+  assert train_rows == [2, 4, 6]
+  assert [r["step"] for r in rows if "eval/sq_err" in r] == [3, 6]
+  assert all(r["stage"] == "linear" for r in rows)
+  assert all(np.isfinite(r["train/loss"]) and "train/learning_rate" in r
+             for r in rows if "train/loss" in r)
+  # TensorBoard event files are written too.
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "linear"))
+
+
+def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, mesh):
+  cfg = train_cfg(checkpoint_every=2, log_every=100, eval_every=0)
+  with pytest.raises(FloatingPointError, match="step 4.*last good checkpoint \\(step 2\\)"):
+    run(tmp_path, mesh, cfg=cfg, it=ToyIterator(poison_at=3))
+  manager = trainer.checkpoint_manager(str(tmp_path / "linear"), cfg)
+  assert manager.latest_step() == 2
+  manager.close()
+
+
+def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, mesh):
+  run(tmp_path, mesh, cfg=train_cfg(num_steps=3))
+
+  class WiderTask(LinearTask):
+    def init(self, rng, batch):
+      return {"w": jnp.zeros((DIM + 1,))}, {"seen": jnp.zeros(())}
+
+  with pytest.raises(ValueError, match="does not match the model this config builds"):
+    trainer.train_and_evaluate(WiderTask(), train_cfg(), str(tmp_path), ToyIterator(),
+                               eval_batches, mesh, seed=0)
+
+
+def test_step_rng_is_a_function_of_seed_and_step():
+  key = trainer.stage_key(0, "linear")
+  a, b = trainer.step_rng(key, 5), trainer.step_rng(key, 5)
+  assert (jax.random.key_data(a) == jax.random.key_data(b)).all()
+  assert not (jax.random.key_data(a) == jax.random.key_data(trainer.step_rng(key, 6))).all()
+  other = trainer.stage_key(0, "tokenizer")
+  assert not (jax.random.key_data(key) == jax.random.key_data(other)).all()
