@@ -17,7 +17,7 @@ def get_config():
   config.data.num_classes = 10
 
   tok = config.tokenizer
-  tok.model.channels = 32
+  tok.model.channels = 16
   tok.model.channel_multipliers = (1, 2, 2)  # 16x16 -> 4x4 grid
   tok.model.num_res_blocks = 1
   tok.model.latent_dim = 16
@@ -26,10 +26,10 @@ def get_config():
   tok.quantizer.codebook_size = 64
   tok.quantizer.dropout_prob = 0.5  # every depth prefix must decode well (PSNR per prefix)
   tok.train.batch_size = 64
-  tok.train.num_steps = 1500
+  tok.train.num_steps = 1200
   tok.train.learning_rate = 2e-3
   tok.train.warmup_steps = 50
   tok.train.log_every = 50
-  tok.train.eval_every = 500
-  tok.train.checkpoint_every = 500
+  tok.train.eval_every = 400
+  tok.train.checkpoint_every = 400
   return config

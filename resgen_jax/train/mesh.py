@@ -57,6 +57,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   data = mesh.shape[DATA_AXIS]
+  if global_batch_size <= 0:
+    raise ValueError(f"global batch size must be positive, got {global_batch_size}")
   if global_batch_size % data or global_batch_size % jax.process_count():
     raise ValueError(
         f"global batch size {global_batch_size} must be divisible by the data axis size "

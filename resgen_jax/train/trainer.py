@@ -234,9 +234,11 @@ def check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
         f"checkpoint (step {manager.latest_step()}) in {manager.directory} is kept")
 
 
+@jax.jit
 def _mean_metrics(history: list) -> dict:
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+  """Means over a logging interval, computed on device: one transfer instead of one per
+  metric and step."""
+  return jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *history)
 
 
 def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
@@ -307,7 +309,8 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
       progress(done)
       if done % cfg.log_every == 0 or done == cfg.num_steps:
         check_finite(state, manager)
-        writer.write_scalars(done, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+        means = jax.device_get(_mean_metrics(history))
+        writer.write_scalars(done, {f"train/{k}": float(v) for k, v in means.items()})
         history = []
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
         result = evaluate(eval_step, state, constants, eval_batches(), mesh)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny digits config that trains in seconds on a CPU."""
+
+import os
+import tempfile
+
+import jax
+import pytest
+
+from resgen_jax import config_base
+
+# Tests build the same jitted steps in several runs (fresh, preempted, resumed); a
+# persistent compilation cache for the session compiles each of them once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("RESGEN_TEST_JAX_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "resgen_jax_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def tiny_config(num_steps: int = 4):
+  """The digits pipeline shrunk to a ~10k-parameter tokenizer and a few steps."""
+  config = config_base.base_config()
+  tok = config.tokenizer
+  tok.model.channels = 8
+  tok.model.channel_multipliers = (1, 2, 2)
+  tok.model.latent_dim = 4
+  tok.model.norm_groups = 4
+  tok.quantizer.depth = 3
+  tok.quantizer.codebook_size = 16
+  tok.quantizer.kmeans_iters = 3
+  tok.train.batch_size = 16
+  tok.train.eval_batch_size = 128
+  tok.train.num_steps = num_steps
+  tok.train.warmup_steps = 1
+  tok.train.log_every = 2
+  tok.train.eval_every = 0
+  tok.train.checkpoint_every = 2
+  return config
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

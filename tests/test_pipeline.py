@@ -1,0 +1,149 @@
+"""The stages end to end on the embedded digits: report, token cache, reruns, bad input,
+and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from resgen_jax import data as data_lib
+from resgen_jax import pipeline
+from resgen_jax.codec import token_cache
+from resgen_jax.codec.tokenizer import TokenizerTask
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINED_STEPS = 150  # enough for the tiny tokenizer's depth prefixes to separate
+
+
+def trained_config():
+  config = tiny_config(num_steps=TRAINED_STEPS)
+  config.tokenizer.quantizer.dropout_prob = 0.5
+  config.tokenizer.train.learning_rate = 3e-3
+  config.tokenizer.train.checkpoint_every = 100
+  config.tokenizer.train.log_every = 50
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir where the tiny tokenizer trained and the codes were cached."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  pipeline.run(trained_config(), workdir)
+  return workdir
+
+
+def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
+  with open(os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE)) as f:
+    report = json.load(f)
+  psnr = report["psnr_by_depth"]
+  assert report["step"] == TRAINED_STEPS and len(psnr) == 3
+  assert all(b >= a for a, b in zip(psnr, psnr[1:])), psnr
+  assert psnr[-1] > psnr[0] + 0.5, psnr
+  assert os.path.exists(os.path.join(trained, "tokenizer", pipeline.RECON_FILE))
+  rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "train/loss" in r] == [50, 100, 150]
+  with open(os.path.join(trained, pipeline.CONFIG_FILE)) as f:
+    assert json.load(f)["tokenizer"]["train"]["num_steps"] == TRAINED_STEPS
+
+
+def test_cached_codes_are_the_tokenizers_codes(trained):
+  config = trained_config()
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  images, labels = data_lib.load_all(config.data, "test")
+  task = TokenizerTask(config.tokenizer, 1)
+  state = trainer.load_trained_state(
+      task, config.tokenizer.train, trained,
+      {"image": jnp.asarray(images[:8]), "label": jnp.asarray(labels[:8])}, mesh, config.seed)
+  codes, cached_labels = token_cache.load_tokens(trained, "test")
+  expected = task.tok.encode(state.params["autoencoder"],
+                             state.model_state["codebook"].codebooks, jnp.asarray(images))
+  np.testing.assert_array_equal(codes, expected)
+  np.testing.assert_array_equal(cached_labels, labels)
+  train_codes, _ = token_cache.load_tokens(trained, "train")
+  assert train_codes.shape == (1500, 4, 4, 3)
+  assert train_codes.min() >= 0 and train_codes.max() < 16
+  with open(token_cache.meta_path(trained)) as f:
+    meta = json.load(f)
+  assert meta == {"grid": [4, 4], "depth": 3, "codebook_size": 16,
+                  "tokenizer_step": TRAINED_STEPS, "image_size": 16}
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(trained):
+  outputs = [os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE),
+             os.path.join(trained, "tokenizer", pipeline.RECON_FILE),
+             token_cache.shard_path(trained, "train", 0, 1), token_cache.meta_path(trained)]
+  before = {p: os.stat(p).st_mtime_ns for p in outputs}
+  checkpoints = sorted(os.listdir(os.path.join(trained, "tokenizer", trainer.CHECKPOINT_DIR)))
+  pipeline.run(trained_config(), trained)
+  assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
+  assert sorted(os.listdir(os.path.join(trained, "tokenizer",
+                                        trainer.CHECKPOINT_DIR))) == checkpoints
+
+
+def test_workdir_of_another_config_is_refused(trained):
+  config = trained_config()
+  config.tokenizer.quantizer.depth = 4
+  config.tokenizer.model.latent_dim = 8
+  with pytest.raises(ValueError, match="tokenizer.model.latent_dim, tokenizer.quantizer.depth"):
+    pipeline.run(config, trained)
+
+
+def set_field(config, dotted: str, value):
+  *parents, name = dotted.split(".")
+  for part in parents:
+    config = config[part]
+  config[name] = value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.image_size", 18, "image_size 18 is not divisible"),
+    ("data.name", "svhn", "svhn"),
+    ("stages", ("tokenizer", "generate"), "unknown stages \\['generate'\\]"),
+    ("mesh.shape", (3,), "mesh.shape \\(3,\\)"),
+    ("tokenizer.train.batch_size", 0, "batch size must be positive, got 0"),
+    ("tokenizer.train.warmup_steps", 4, "warmup_steps \\(4\\) must be below"),
+])
+def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
+  config = tiny_config(num_steps=4)
+  set_field(config, field, value)
+  with pytest.raises(ValueError, match=message):
+    pipeline.run(config, str(tmp_path))
+  # A refused start leaves no checkpoint behind.
+  assert not os.path.exists(os.path.join(tmp_path, "tokenizer", trainer.CHECKPOINT_DIR, "0"))
+
+
+def test_command_line_overrides_and_config_json(tmp_path):
+  workdir = str(tmp_path / "cli")
+  overrides = {
+      "tokenizer.model.channels": 8, "tokenizer.model.latent_dim": 4,
+      "tokenizer.model.norm_groups": 4, "tokenizer.quantizer.depth": 2,
+      "tokenizer.quantizer.codebook_size": 8, "tokenizer.train.num_steps": 3,
+      "tokenizer.train.warmup_steps": 1, "tokenizer.train.log_every": 1,
+      "tokenizer.train.eval_every": 0, "tokenizer.train.batch_size": 8,
+  }
+  cmd = [sys.executable, "-m", "resgen_jax.main", "--config=configs/digits.py",
+         f"--workdir={workdir}", "--config.stages=('tokenizer',)"]
+  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  for key, value in overrides.items():
+    section = saved
+    for part in key.split("."):
+      section = section[part]
+    assert section == value, key
+  assert saved["stages"] == ["tokenizer"]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+  with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
+    assert len(json.load(f)["psnr_by_depth"]) == 2
