@@ -151,3 +151,25 @@ def test_resumed_tokenizer_run_equals_uninterrupted(tmp_path):
   assert int(resumed.state.step) == 4
   for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_paper_imagenet_tokenizer_builds_an_8x8_grid():
+  """The configs/imagenet.py tokenizer, built abstractly (no memory): 256x256 -> 8x8 x 256."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "imagenet_config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                      "imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config().tokenizer
+  tok = Tokenizer(cfg, image_channels=3)
+  images = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+  params = jax.eval_shape(lambda x: tok.autoencoder.init(jax.random.key(0), x), images)
+  latents = jax.eval_shape(lambda p, x: tok.encode_latents(p["params"], x), params, images)
+  assert latents.shape == (2, 8, 8, 256)
+  assert tok.downsample == 32 and tok.num_books == 1 and tok.depth == 16
+  books = jax.ShapeDtypeStruct((1, 16384, 256), jnp.float32)
+  codes = jax.eval_shape(lambda l, b: rvq.quantize(l, b, depth=16).codes, latents, books)
+  assert codes.shape == (2, 8, 8, 16)
+  n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
+  assert 30e6 < n_params < 150e6, n_params  # RQ-VAE's ImageNet autoencoder is ~70M
