@@ -1,0 +1,1 @@
+"""Stage 2: the ResGen generator (masking, mixture head and loss, transformer, sampler)."""

@@ -1,0 +1,185 @@
+"""The reverse process: iterative unmasking of RVQ tokens in T steps (method.md section 5).
+
+One jitted computation, a ``lax.scan`` over steps ``t = 1..T``. Each step costs one network
+call (two with classifier-free guidance) plus cheap quantization, whatever the depth D:
+
+  1. the network gives, per position, a mixture over the sum of its hidden embeddings
+     (CFG: ``l = l_u + w (l_c - l_u)``, ``mu = mu_u + w (mu_c - mu_u)``);
+  2. a component is drawn (temperature, top-p), its mean (optionally plus noise) is
+     residual-quantized with the codebooks of the position's hidden depths only ->
+     candidate tokens and a log-probability per candidate;
+  3. ``n_t = floor(gamma(t/T) * H_0)`` tokens stay hidden (``H_0``: hidden at the start),
+     at least one is revealed per step and none stays hidden after step T;
+  4. scores = log-prob + Gumbel noise * ``tau (1 - t/T)``, made non-increasing along depth
+     by a cumulative minimum, so the best-scoring set always extends each position's
+     visible depth prefix; exactly the best ones are revealed (stable argsort: ties go to
+     the lower position, then the coarser depth). Revealed tokens never change again.
+
+The network is a closure ``network_fn(codes [B,L,D], hidden [B,L], conditional: bool) ->
+(logits [B,L,K], means [B,L,K,d])``, so the loop can be tested with a fake model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from resgen_jax.codec import rvq
+from resgen_jax.generator import masking
+
+Array = jax.Array
+KNOWN_STEP = 0  # reveal_step of tokens known from the start (prompt, padding)
+# gamma(t/T) * H_0 is an integer at some steps (cos(pi/3) * 20 = 10) but lands just below
+# it in float32; counts are integers, so this much is added before flooring.
+COUNT_TOLERANCE = 1e-3
+CFG_RAMPS = ("constant", "linear")
+
+
+@flax.struct.dataclass
+class LoopState:
+  codes: Array  # int32 [B, L, D]; entries at hidden slots are not meaningful
+  hidden: Array  # int32 [B, L]: hidden count k_i (the top k_i depths are hidden)
+  reveal_step: Array  # int32 [B, L, D]: step 1..T that revealed the token; 0 if known
+  rng: Array
+
+
+class SampleOutput(NamedTuple):
+  codes: Array  # int32 [B, L, D], every token revealed
+  reveal_step: Array  # int32 [B, L, D], the per-step history (0 = known from the start)
+
+
+def guidance_scale(cfg_scale: float, ramp: str, t: Array, steps: int) -> Array:
+  """CFG weight at step t (1-based): constant, or linear from 1 at t=0 to cfg_scale at T."""
+  if ramp == "constant":
+    return jnp.asarray(cfg_scale, jnp.float32)
+  if ramp == "linear":
+    return 1.0 + (cfg_scale - 1.0) * t / steps
+  raise ValueError(f"unknown cfg_ramp {ramp!r}; known: {CFG_RAMPS}")
+
+
+def top_p_logits(logits: Array, top_p: float) -> Array:
+  """Keeps the smallest set of components whose probability reaches ``top_p`` (the most
+  probable one always); the rest get -inf. logits ``[..., K]``."""
+  if top_p >= 1.0:
+    return logits
+  probs = jax.nn.softmax(logits, axis=-1)
+  order = jnp.argsort(-probs, axis=-1)
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+  keep = jnp.zeros_like(keep_sorted).at[
+      tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def choose_means(rng: Array, logits: Array, means: Array, temperature: float, top_p: float,
+                 noise_std: float) -> Array:
+  """Draws one component per position and returns its mean (plus optional Gaussian noise).
+
+  logits ``[B, L, K]``, means ``[B, L, K, d]`` -> ``[B, L, d]``. ``temperature == 0``
+  takes the most probable component.
+  """
+  comp_key, noise_key = jax.random.split(rng)
+  if temperature > 0:
+    component = jax.random.categorical(comp_key, top_p_logits(logits / temperature, top_p))
+  else:
+    component = jnp.argmax(logits, axis=-1)
+  chosen = jnp.take_along_axis(means, component[..., None, None], axis=-2)[..., 0, :]
+  if noise_std > 0:
+    chosen = chosen + noise_std * jax.random.normal(noise_key, chosen.shape)
+  return chosen
+
+
+def hidden_after_step(t: Array, steps: int, initial: Array, before: Array,
+                      gamma: Callable) -> Array:
+  """How many tokens stay hidden after step t (1-based), per example ``[B]``:
+  ``floor(gamma(t/T) * H_0)``, at least one fewer than before, 0 after the last step."""
+  scheduled = jnp.floor(gamma(t / steps) * initial + COUNT_TOLERANCE).astype(jnp.int32)
+  target = jnp.minimum(scheduled, before - 1)
+  return jnp.where(t >= steps, 0, jnp.maximum(target, 0))
+
+
+def reveal(scores: Array, keep_hidden: Array) -> Array:
+  """Exactly which slots are visible after the step.
+
+  Args:
+    scores: ``[B, L, D]``, +inf at already visible slots, non-increasing along depth.
+    keep_hidden: ``[B]`` how many slots stay hidden.
+  Returns:
+    bool ``[B, L, D]``: the ``L*D - keep_hidden`` best slots (stable order on ties).
+  """
+  b, length, depth = scores.shape
+  flat = scores.reshape(b, -1)
+  order = jnp.argsort(-flat, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)
+  return (rank < (length * depth - keep_hidden)[:, None]).reshape(b, length, depth)
+
+
+def check_known_mask(known: Array) -> None:
+  """Known tokens must be a depth prefix at every position (what stays hidden is a top
+  run of depths); a concrete mask that is not raises a ValueError."""
+  if isinstance(known, jax.core.Tracer):
+    return
+  if bool(jnp.any(known[..., 1:] & ~known[..., :-1])):
+    raise ValueError("known tokens must be a prefix of depths at every position "
+                     "(a known token cannot follow a hidden one at the same position)")
+
+
+def sample(network_fn: Callable, codebooks: Array, codes: Array, known: Array, rng: Array,
+           cfg: ml_collections.ConfigDict) -> SampleOutput:
+  """Fills every unknown token in ``cfg.steps`` steps.
+
+  Args:
+    network_fn: ``(codes, hidden, conditional) -> (logits, means)``, see the module doc.
+    codebooks: ``[C, V, d]`` tokenizer codebooks.
+    codes: int32 ``[B, L, D]`` starting grid; only entries where ``known`` are read.
+    known: bool ``[B, L, D]`` tokens given by the caller (prompt, inpainting context,
+      padding); a depth prefix at each position. They are never changed.
+    rng: PRNG key.
+    cfg: sampler config: ``steps``, ``schedule``, ``cfg_scale``, ``cfg_ramp``,
+      ``temperature``, ``top_p``, ``confidence_temperature``, ``mean_noise`` (std of the
+      noise added to the chosen mean).
+
+  Returns:
+    :class:`SampleOutput`.
+  """
+  check_known_mask(known)
+  if cfg.steps < 1:
+    raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
+  depth = codes.shape[-1]
+  gamma = masking.schedule(cfg.schedule)
+  guided = cfg.cfg_scale != 1.0
+  hidden0 = jnp.sum(~known, axis=-1).astype(jnp.int32)
+  initial_total = jnp.sum(hidden0, axis=-1)  # [B]
+
+  def step(state: LoopState, t):
+    rng, choice_key, gumbel_key = jax.random.split(state.rng, 3)
+    logits, means = network_fn(state.codes, state.hidden, True)
+    if guided:
+      logits_u, means_u = network_fn(state.codes, state.hidden, False)
+      w = guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, t, cfg.steps)
+      logits = logits_u + w * (logits - logits_u)
+      means = means_u + w * (means - means_u)
+    mean = choose_means(choice_key, logits, means, cfg.temperature, cfg.top_p, cfg.mean_noise)
+    candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - state.hidden)
+
+    hidden_slots = masking.hidden_mask(state.hidden, depth)
+    tau = cfg.confidence_temperature * (1.0 - t / cfg.steps)
+    noisy = candidates.log_probs + tau * jax.random.gumbel(gumbel_key, hidden_slots.shape)
+    scores = jax.lax.cummin(jnp.where(hidden_slots, noisy, jnp.inf), axis=2)
+    before = jnp.sum(state.hidden, axis=-1)
+    visible = reveal(scores, hidden_after_step(t, cfg.steps, initial_total, before, gamma))
+    revealed = visible & hidden_slots
+    new = LoopState(codes=jnp.where(revealed, candidates.codes, state.codes),
+                    hidden=jnp.sum(~visible, axis=-1).astype(jnp.int32),
+                    reveal_step=jnp.where(revealed, t, state.reveal_step), rng=rng)
+    return new, None
+
+  init = LoopState(codes=jnp.where(known, codes, rvq.UNUSED_CODE).astype(jnp.int32),
+                   hidden=hidden0, reveal_step=jnp.full(codes.shape, KNOWN_STEP, jnp.int32),
+                   rng=rng)
+  final, _ = jax.lax.scan(step, init, jnp.arange(1, cfg.steps + 1))
+  return SampleOutput(codes=final.codes, reveal_step=final.reveal_step)

@@ -1,0 +1,205 @@
+"""The ResGen sampler with fake networks: call counts, schedule, prefix property, never
+re-hiding, ties, known tokens, guidance, and an oracle that recovers the data exactly."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.experimental import io_callback
+
+from resgen_jax.codec import rvq
+from resgen_jax.generator import masking, sampler
+
+B, L, K = 2, 5, 3
+
+
+def sampler_cfg(**kw):
+  cfg = ml_collections.ConfigDict(dict(
+      steps=6, schedule="cosine", cfg_scale=1.0, cfg_ramp="constant", temperature=1.0,
+      top_p=1.0, confidence_temperature=1.0, mean_noise=0.0))
+  cfg.update(kw)
+  return cfg
+
+
+def cube_codebooks(depth, ratio=0.25):
+  """Depth j's codes are the 8 corners of a cube of half-side ratio**j: the tail of any
+  code sum is shorter than half the distance between two codes of the depth before, so
+  greedy re-quantization of a tail sum from any start depth recovers its codes exactly."""
+  corners = np.array(list(itertools.product([-1.0, 1.0], repeat=3)), np.float32)
+  return jnp.asarray(np.stack([corners * ratio ** j for j in range(depth)]))
+
+
+class Recorder:
+  """A fake network that records, at run time, every call's inputs."""
+
+  def __init__(self, depth, dim=3, seed=0):
+    self.calls = []
+    self.rng = np.random.default_rng(seed)
+    self.depth, self.dim = depth, dim
+
+  def _record(self, codes, hidden, conditional):
+    self.calls.append((np.asarray(codes), np.asarray(hidden), bool(conditional)))
+    return (self.rng.normal(size=(B, L, K)).astype(np.float32),
+            self.rng.normal(size=(B, L, K, self.dim)).astype(np.float32))
+
+  def __call__(self, codes, hidden, conditional):
+    shapes = (jax.ShapeDtypeStruct((B, L, K), jnp.float32),
+              jax.ShapeDtypeStruct((B, L, K, self.dim), jnp.float32))
+    return io_callback(self._record, shapes, codes, hidden, conditional, ordered=True)
+
+
+def run(network, depth, cfg, known=None, codes=None, seed=0):
+  books = cube_codebooks(depth)
+  known = jnp.zeros((B, L, depth), bool) if known is None else known
+  codes = jnp.zeros((B, L, depth), jnp.int32) if codes is None else codes
+  fn = jax.jit(lambda c, k, r: sampler.sample(network, books, c, k, r, cfg))
+  return fn(codes, known, jax.random.key(seed))
+
+
+def expected_hidden(steps, total, gamma):
+  """n_t after each step t = 1..T, the numpy twin of the schedule rule."""
+  out, before = [], total
+  for t in range(1, steps + 1):
+    n = 0 if t == steps else max(min(int(np.floor(gamma(t / steps) * total)), before - 1), 0)
+    out.append(n)
+    before = n
+  return out
+
+
+@pytest.mark.parametrize("depth", [4, 8, 16])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_calls_schedule_prefix_and_never_rehiding(depth, cfg_scale):
+  cfg = sampler_cfg(cfg_scale=cfg_scale)
+  net = Recorder(depth)
+  out = run(net, depth, cfg)
+  jax.block_until_ready(out)
+  # Exactly T network calls, 2T with guidance, whatever the depth.
+  assert len(net.calls) == cfg.steps * (2 if cfg_scale != 1.0 else 1)
+  if cfg_scale != 1.0:
+    assert [c[2] for c in net.calls] == [True, False] * cfg.steps
+
+  reveal = np.asarray(out.reveal_step)
+  codes = np.asarray(out.codes)
+  assert (reveal >= 1).all() and (reveal <= cfg.steps).all()  # all revealed at the end
+  assert codes.min() >= 0 and codes.max() < 8
+  gamma = lambda r: float(np.cos(np.pi * r / 2))
+  schedule = expected_hidden(cfg.steps, L * depth, gamma)
+  conditional_calls = [c for c in net.calls if c[2]]
+  for t in range(1, cfg.steps + 1):
+    visible = reveal <= t
+    # Revealed counts follow the schedule.
+    assert (np.sum(~visible, axis=(1, 2)) == schedule[t - 1]).all(), t
+    # Visible tokens form a depth prefix at every position after every step.
+    assert not (visible[..., 1:] & ~visible[..., :-1]).any(), t
+    # What the network saw at step t + 1: the visible tokens, never changed afterwards.
+    if t < cfg.steps:
+      seen_codes, seen_hidden = conditional_calls[t][:2]
+      np.testing.assert_array_equal(seen_hidden, np.sum(~visible, axis=-1))
+      np.testing.assert_array_equal(seen_codes[visible], codes[visible])
+
+
+def test_known_tokens_are_never_changed_and_padding_stays():
+  depth = 4
+  rng = np.random.default_rng(1)
+  codes = jnp.asarray(rng.integers(0, 8, (B, L, depth)), jnp.int32)
+  prefix = rng.integers(0, depth + 1, (B, L))
+  prefix[0, -1] = depth  # a fully known position (like padding or a prompt frame)
+  known = jnp.asarray(np.arange(depth) < prefix[..., None])
+  out = run(Recorder(depth), depth, sampler_cfg(), known=known, codes=codes)
+  known_np = np.asarray(known)
+  np.testing.assert_array_equal(np.asarray(out.codes)[known_np], np.asarray(codes)[known_np])
+  assert (np.asarray(out.reveal_step)[known_np] == sampler.KNOWN_STEP).all()
+  assert (np.asarray(out.reveal_step)[~known_np] >= 1).all()
+  with pytest.raises(ValueError, match="prefix of depths"):
+    bad = known_np.copy()
+    bad[0, 0] = [False, True, False, False]
+    sampler.sample(Recorder(depth), cube_codebooks(depth), codes, jnp.asarray(bad),
+                   jax.random.key(0), sampler_cfg())
+
+
+def oracle(data_codes, books, uncond_offset=None, cfg_scale=1.0):
+  """A network whose one-component mixture mean is the true hidden sum of ``data_codes``.
+
+  With ``uncond_offset``, the conditional mean is ``target + delta`` and the unconditional
+  one ``target + delta * w / (w - 1)``, so only correctly guided means give the target.
+  """
+  emb = rvq.embed(data_codes, books)
+
+  def network(codes, hidden, conditional):
+    _, target = masking.split_embeddings(emb, hidden)
+    logits = jnp.zeros(target.shape[:2] + (1,))
+    if uncond_offset is None:
+      return logits, target[..., None, :]
+    delta = uncond_offset
+    if conditional:
+      return logits, (target + delta)[..., None, :]
+    return logits, (target + delta * cfg_scale / (cfg_scale - 1.0))[..., None, :]
+
+  return network
+
+
+@pytest.mark.parametrize("depth", [4, 8])
+def test_oracle_network_reproduces_the_data_tokens(depth):
+  books = cube_codebooks(depth)
+  data = jnp.asarray(np.random.default_rng(2).integers(0, 8, (B, L, depth)), jnp.int32)
+  # Precondition: greedy re-quantization of every tail sum recovers the tail codes.
+  for k in range(depth + 1):
+    hidden = jnp.full((B, L), k)
+    _, tail = masking.split_embeddings(rvq.embed(data, books), hidden)
+    q = rvq.quantize(tail, books, start_depth=depth - k)
+    np.testing.assert_array_equal(np.asarray(q.codes)[..., depth - k:],
+                                  np.asarray(data)[..., depth - k:])
+  for cfg in (sampler_cfg(), sampler_cfg(steps=1), sampler_cfg(steps=3, top_p=0.5,
+                                                                 confidence_temperature=5.0)):
+    out = run(oracle(data, books), depth, cfg)
+    np.testing.assert_array_equal(out.codes, data)
+
+
+def test_guidance_combines_logits_and_means_as_specified():
+  depth, w = 4, 2.5
+  books = cube_codebooks(depth)
+  data = jnp.asarray(np.random.default_rng(3).integers(0, 8, (B, L, depth)), jnp.int32)
+  delta = jnp.asarray(np.random.default_rng(4).normal(size=(3,)), jnp.float32)
+  for ramp in sampler.CFG_RAMPS:
+    net = oracle(data, books, uncond_offset=delta, cfg_scale=w)
+    cfg = sampler_cfg(cfg_scale=w)
+    out = run(net, depth, cfg)
+    np.testing.assert_array_equal(out.codes, data)
+  # Conditional-only (scale 1) sampling with that network sees target + delta: not the data.
+  out = run(oracle(data, books, uncond_offset=delta * 3, cfg_scale=w), depth, sampler_cfg())
+  assert not np.array_equal(out.codes, data)
+
+
+def test_ties_are_broken_deterministically_by_position_then_depth():
+  depth = 3
+  # Every position predicts the same mean, so every candidate has the same score; with no
+  # Gumbel noise the reveal order must be position-major, depth-minor.
+  def flat_network(codes, hidden, conditional):
+    return jnp.zeros((B, L, 1)), jnp.zeros((B, L, 1, 3))
+  cfg = sampler_cfg(steps=L * depth, schedule="linear", confidence_temperature=0.0)
+  a = run(flat_network, depth, cfg)
+  b = run(flat_network, depth, cfg, seed=7)
+  np.testing.assert_array_equal(a.reveal_step, b.reveal_step)
+  expected = np.arange(1, L * depth + 1).reshape(L, depth)
+  np.testing.assert_array_equal(np.asarray(a.reveal_step)[0], expected)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(sampler.top_p_logits(logits, 0.7)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = np.isfinite(np.asarray(sampler.top_p_logits(logits, 0.1)))
+  np.testing.assert_array_equal(kept, [[True, False, False, False]])
+  assert np.isfinite(np.asarray(sampler.top_p_logits(logits, 1.0))).all()
+
+
+def test_bad_sampler_config_values():
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    run(Recorder(4), 4, sampler_cfg(steps=0))
+  with pytest.raises(ValueError, match="unknown mask schedule"):
+    run(Recorder(4), 4, sampler_cfg(schedule="exp"))
+  with pytest.raises(ValueError, match="cfg_ramp"):
+    run(Recorder(4), 4, sampler_cfg(cfg_scale=2.0, cfg_ramp="cosine"))
