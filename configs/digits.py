@@ -32,4 +32,24 @@ def get_config():
   tok.train.log_every = 50
   tok.train.eval_every = 400
   tok.train.checkpoint_every = 400
+
+  config.stages = ("tokenizer", "encode", "generator", "sample")
+  gen = config.generator
+  gen.model.width = 128
+  gen.model.num_layers = 4
+  gen.model.num_heads = 4
+  gen.model.num_components = 16
+  gen.model.low_rank = 16
+  gen.train.batch_size = 64
+  gen.train.num_steps = 2500
+  gen.train.learning_rate = 1e-3
+  gen.train.warmup_steps = 100
+  gen.train.log_every = 100
+  gen.train.eval_every = 1000
+  gen.train.checkpoint_every = 1000
+  gen.train.ema_decay = 0.998
+
+  config.sampler.steps = 8
+  config.sampler.samples_per_class = 32
+  config.sampler.batch_size = 320
   return config

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-# Fields that may differ between a run's saved config.json and the config that resumes it:
-# they change how long or how verbosely a run goes, not what its checkpoints contain.
+# Fields (or whole sections) that may differ between a run's saved config.json and the
+# config that resumes it: they change how long or how verbosely a run goes, or how it
+# samples, not what its checkpoints contain.
 RESUMABLE_FIELDS = (
     "stages",
     "tokenizer.train.num_steps",
@@ -20,6 +21,14 @@ RESUMABLE_FIELDS = (
     "tokenizer.train.checkpoint_every",
     "tokenizer.train.keep_checkpoints",
     "tokenizer.train.async_checkpoints",
+    "generator.train.num_steps",
+    "generator.train.log_every",
+    "generator.train.eval_every",
+    "generator.train.eval_examples",
+    "generator.train.checkpoint_every",
+    "generator.train.keep_checkpoints",
+    "generator.train.async_checkpoints",
+    "sampler",
     "data.data_dir",
     "data.path",
     "data.eval_path",
@@ -91,6 +100,50 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   ))
 
 
+def generator_config() -> ml_collections.ConfigDict:
+  """The ResGen generator (method.md sections 2-4). Defaults are a small model."""
+  return ml_collections.ConfigDict(dict(
+      model=dict(
+          width=128,  # transformer width
+          num_layers=4,  # transformer blocks
+          num_heads=4,  # attention heads
+          mlp_ratio=4,  # MLP hidden width / width
+          num_components=16,  # K, mixture components per position
+          low_rank=16,  # r, rank of the mean projection (width -> K x r -> d)
+          dropout=0.0,  # dropout in attention and MLP
+          remat=False,  # rematerialise blocks in the backward pass (memory for compute)
+          dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+      ),
+      loss=dict(
+          kind="jensen",  # jensen (the paper's cls + reg split) or nll (exact mixture NLL)
+          schedule="cosine",  # masking schedule gamma: cosine | linear | square | cubic | sqrt
+          sigma=0.5,  # mixture standard deviation (in normalised target units)
+          learn_sigma=False,  # learn sigma (a scalar) instead of fixing it
+          target_norm=True,  # divide targets by their RMS per hidden count k (from data)
+          cond_dropout=0.1,  # probability of the null class in training (for CFG)
+      ),
+      train=train_config(learning_rate=5e-4, weight_decay=0.01, b2=0.98, ema_decay=0.999),
+  ))
+
+
+def sampler_config() -> ml_collections.ConfigDict:
+  """The reverse process (method.md section 5) and what --mode=sample writes."""
+  return ml_collections.ConfigDict(dict(
+      steps=8,  # T, network calls (2T with CFG), independent of the depth D
+      schedule="cosine",  # gamma for how many tokens stay hidden after each step
+      cfg_scale=1.0,  # classifier-free guidance w; 1 = conditional only (one call/step)
+      cfg_ramp="constant",  # constant w, or linear from 1 to w over the steps
+      temperature=1.0,  # temperature of the component choice; 0 = most probable
+      top_p=1.0,  # nucleus over mixture components
+      confidence_temperature=1.0,  # Gumbel noise scale tau on the confidences, x (1 - t/T)
+      mean_noise=0.0,  # std of Gaussian noise added to the chosen mean (embedding units)
+      samples_per_class=16,  # --mode=sample draws this many images of every class
+      batch_size=256,  # samples per jitted sampler call
+      seed=0,  # sampling seed
+      tag="",  # name of the sample set; empty: derived from steps / cfg / temperatures
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a run, with small defaults."""
   return ml_collections.ConfigDict(dict(
@@ -114,4 +167,6 @@ def base_config() -> ml_collections.ConfigDict:
           shuffle_buffer=10_000,  # streaming (imagenet2012) shuffle buffer
       ),
       tokenizer=tokenizer_config(),
+      generator=generator_config(),
+      sampler=sampler_config(),
   ))

@@ -5,6 +5,8 @@ Stages:
       ``results.json`` (PSNR per depth prefix on the eval split) and ``reconstructions.png``
       (row 1: originals; row j + 1: reconstruction from the first j depths).
   ``encode``: encodes the train and eval splits once into ``DIR/tokens/`` for the generator.
+  ``generator``: trains ResGen on the cached tokens (``DIR/generator/``).
+  ``sample``: draws class-conditional samples into ``DIR/samples/<tag>.npz`` + PNG grids.
 
 A stage whose results exist is not run again, and nothing it wrote is overwritten.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Callable, Dict, Iterable
 
 import jax
@@ -24,7 +27,9 @@ import numpy as np
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax.codec import token_cache
-from resgen_jax.codec.tokenizer import TokenizerTask, prefix_psnr
+from resgen_jax.codec.tokenizer import TokenizerTask
+from resgen_jax.generator import sampler
+from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
 from resgen_jax.utils import files
@@ -34,6 +39,8 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 RECON_FILE = "reconstructions.png"
 RECON_EXAMPLES = 8  # columns of the reconstruction grid
+SAMPLES_DIR = "samples"
+GRID_COLUMNS = 8  # images per row of the sample grids
 
 
 # ----------------------------------------------------------------------------------------
@@ -55,8 +62,9 @@ def _flatten(tree, prefix=""):
 def config_differences(saved: dict, current: dict) -> list:
   """Dotted field names whose values differ (present in either) and are not resumable."""
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
-  return sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and k not in config_base.RESUMABLE_FIELDS)
+  resumable = lambda key: any(key == f or key.startswith(f + ".")
+                              for f in config_base.RESUMABLE_FIELDS)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not resumable(k))
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -154,19 +162,25 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
   return report
 
 
-def run_encode(config, workdir: str, mesh) -> None:
-  """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
-  tcfg = config.tokenizer.train
+def load_tokenizer(config, workdir: str, mesh):
+  """``(task, state, passes)`` of the trained tokenizer; ``passes`` maps the train and eval
+  split names to factories of sequential passes over them."""
   passes = {split: eval_pass(config, split)
             for split in (config.data.train_split, config.data.eval_split)}
   example = example_batch(passes[config.data.eval_split], mesh)
   task = make_tokenizer_task(config, example["image"].shape[-1])
-  state = trainer.load_trained_state(task, tcfg, workdir, example, mesh, config.seed)
-  splits = tuple(passes)
+  state = trainer.load_trained_state(task, config.tokenizer.train, workdir, example, mesh,
+                                     config.seed)
+  return task, state, passes
+
+
+def run_encode(config, workdir: str, mesh) -> None:
+  """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
+  task, state, passes = load_tokenizer(config, workdir, mesh)
   h, w = task.tok.grid_shape(config.data.image_size)
   meta = {"grid": [h, w], "depth": task.tok.depth, "codebook_size": task.tok.codebook_size,
           "tokenizer_step": int(state.step), "image_size": config.data.image_size}
-  if token_cache.is_cached(workdir, splits, meta):
+  if token_cache.is_cached(workdir, tuple(passes), meta):
     logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
     return
   params, books = state.eval_params()["autoencoder"], state.model_state["codebook"].codebooks
@@ -182,10 +196,122 @@ def run_encode(config, workdir: str, mesh) -> None:
     codes, labels = token_cache.encode_split(encode_local, batches(), task.tok.codebook_size)
     path = token_cache.write_split(workdir, split, codes, labels)
     logging.info("encoded %d %s examples into %s", len(codes), split, path)
-  token_cache.write_meta(workdir, meta)
+  token_cache.write_meta(workdir, meta, np.asarray(books))
 
 
-STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode}
+def make_generator_task(config, workdir: str) -> GeneratorTask:
+  meta, codebooks = token_cache.load_meta(workdir)
+  h, w = meta["grid"]
+  return GeneratorTask(config.generator, codebooks, h * w, meta["depth"],
+                       config.data.num_classes)
+
+
+def run_generator(config, workdir: str, mesh) -> None:
+  """Trains the ResGen generator on the cached tokens."""
+  gcfg = config.generator.train
+  mesh_lib.check_batch_size(gcfg.batch_size, mesh)
+  mesh_lib.check_batch_size(gcfg.eval_batch_size, mesh)
+  task = make_generator_task(config, workdir)
+  pid, count = jax.process_index(), jax.process_count()
+  classes = config.data.num_classes
+  train_iter = token_cache.TokenBatches(
+      token_cache.token_source(workdir, config.data.train_split, classes), gcfg.batch_size,
+      config.seed, pid, count)
+  eval_source = token_cache.token_source(workdir, config.data.eval_split, classes)
+  result = trainer.train_and_evaluate(
+      task, gcfg, workdir, train_iter,
+      lambda: token_cache.sequential_token_batches(eval_source, gcfg.eval_batch_size, pid,
+                                                   count, gcfg.eval_examples or None),
+      mesh, config.seed)
+  if result.preempted:
+    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+
+
+def load_generator(config, workdir: str, mesh):
+  """``(task, state)`` of the trained generator."""
+  task = make_generator_task(config, workdir)
+  meta, _ = token_cache.load_meta(workdir)
+  example = mesh_lib.global_batch(
+      {"codes": np.zeros((jax.process_count(), *meta["grid"], meta["depth"]), np.int32),
+       "label": np.zeros((jax.process_count(),), np.int32)}, mesh)
+  state = trainer.load_trained_state(task, config.generator.train, workdir, example, mesh,
+                                     config.seed)
+  return task, state
+
+
+def sample_tag(scfg) -> str:
+  """The sample set's name: ``sampler.tag``, or its settings."""
+  return scfg.tag or (f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_"
+                      f"topp{scfg.top_p:g}_conf{scfg.confidence_temperature:g}_seed{scfg.seed}")
+
+
+def samples_path(config, workdir: str) -> str:
+  return os.path.join(workdir, SAMPLES_DIR, sample_tag(config.sampler) + ".npz")
+
+
+def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask) -> Callable:
+  """A jitted ``(gen_params, gen_state, ae_params, codebooks, labels [B], rng) ->
+  (images float [B,H,W,C], codes [B,h,w,D], reveal_step [B,h,w,D])``."""
+  h, w = tok_task.tok.grid_shape(config.data.image_size)
+  depth = gen_task.depth
+
+  def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):
+    batch = labels.shape[0]
+    valid = jnp.ones((batch, h * w), bool)
+    network = gen_task.network_fn(gen_params, gen_state, codebooks, labels, valid)
+    start = jnp.zeros((batch, h * w, depth), jnp.int32)
+    out = sampler.sample(network, codebooks, start, jnp.zeros(start.shape, bool), rng,
+                         config.sampler)
+    codes = out.codes.reshape(batch, h, w, depth)
+    return (tok_task.tok.decode(ae_params, codebooks, codes), codes,
+            out.reveal_step.reshape(batch, h, w, depth))
+
+  return jax.jit(draw)
+
+
+def run_sample(config, workdir: str, mesh) -> str:
+  """Draws ``sampler.samples_per_class`` images of every class; writes
+  ``DIR/samples/<tag>.npz`` (``arr_0`` uint8 [N,H,W,C], ``labels``, ``codes``) and a PNG
+  grid per class under ``DIR/samples/<tag>/``. An existing sample set is kept as it is."""
+  scfg = config.sampler
+  path = samples_path(config, workdir)
+  if os.path.exists(path):
+    logging.info("samples exist: %s", path)
+    return path
+  if scfg.samples_per_class < 1 or scfg.batch_size < 1:
+    raise ValueError(f"sampler.samples_per_class and sampler.batch_size must be >= 1, got "
+                     f"{scfg.samples_per_class} and {scfg.batch_size}")
+  tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
+  gen_task, gen_state = load_generator(config, workdir, mesh)
+  draw = make_image_sampler(config, tok_task, gen_task)
+  ae_params = tok_state.eval_params()["autoencoder"]
+  codebooks = tok_state.model_state["codebook"].codebooks
+  labels = np.repeat(np.arange(config.data.num_classes), scfg.samples_per_class)
+  images, codes = [], []
+  start = time.time()
+  for index, first in enumerate(range(0, len(labels), scfg.batch_size)):
+    chunk = labels[first:first + scfg.batch_size]
+    padded = np.pad(chunk, (0, scfg.batch_size - len(chunk)))  # one compiled shape
+    out = draw(gen_state.eval_params(), gen_state.model_state, ae_params, codebooks,
+               jnp.asarray(padded, jnp.int32),
+               jax.random.fold_in(jax.random.key(scfg.seed), index))
+    images.append(image_utils.to_uint8(out[0])[:len(chunk)])
+    codes.append(np.asarray(out[1])[:len(chunk)])
+  seconds = time.time() - start
+  images, codes = np.concatenate(images), np.concatenate(codes)
+  if jax.process_index() == 0:
+    tag_dir = os.path.splitext(path)[0]
+    for c in range(config.data.num_classes):
+      image_utils.save_png(os.path.join(tag_dir, f"class_{c:04d}.png"),
+                           image_utils.grid(images[labels == c], GRID_COLUMNS))
+    files.save_npz(path, arr_0=images, labels=labels.astype(np.int32), codes=codes)
+  logging.info("wrote %d samples to %s in %.1f s (%.2f ms per image, compile included)",
+               len(images), path, seconds, 1e3 * seconds / len(images))
+  return path
+
+
+STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode,
+                               "generator": run_generator, "sample": run_sample}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:

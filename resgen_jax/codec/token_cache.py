@@ -5,6 +5,8 @@ Layout under ``DIR/tokens/``:
       int32 ``[N_p]`` encoded by process ``p`` of ``P`` (the examples of each process's
       slices of the sequential evaluation batches; order does not matter for training).
   ``meta.json``: grid shape, depth, codebook size, the tokenizer step the codes come from.
+  ``codebooks.npz``: ``codebooks`` ``[C, V, d]`` of that tokenizer, so the generator stage
+      needs only this directory.
 
 Every file is written atomically, so an interrupted encoding never leaves a half-written
 cache; a finished cache is never rewritten.
@@ -20,10 +22,12 @@ from typing import Callable, Iterable, Tuple
 import jax
 import numpy as np
 
+from resgen_jax import data as data_lib
 from resgen_jax.utils import files
 
 TOKENS_DIR = "tokens"
 META_FILE = "meta.json"
+CODEBOOKS_FILE = "codebooks.npz"
 INT16_MAX_CODES = 2 ** 15  # codes fit int16 (half the disk) below this codebook size
 
 
@@ -47,7 +51,7 @@ def is_cached(workdir: str, splits: Iterable[str], meta: dict) -> bool:
         f"{path} describes codes from another tokenizer ({saved}) than this run's ({meta}); "
         f"remove {os.path.dirname(path)} to encode again")
   count = jax.process_count()
-  return all(os.path.exists(shard_path(workdir, s, p, count))
+  return os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE)) and all(os.path.exists(shard_path(workdir, s, p, count))
              for s in splits for p in range(count))
 
 
@@ -76,9 +80,24 @@ def write_split(workdir: str, split: str, codes: np.ndarray, labels: np.ndarray)
   return path
 
 
-def write_meta(workdir: str, meta: dict) -> None:
+def write_meta(workdir: str, meta: dict, codebooks: np.ndarray) -> None:
+  """Writes the codebooks, then ``meta.json`` last: its presence marks a complete cache."""
   if jax.process_index() == 0:
+    files.save_npz(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE),
+                   codebooks=np.asarray(codebooks, np.float32))
     files.save_json(meta_path(workdir), meta)
+
+
+def load_meta(workdir: str) -> Tuple[dict, np.ndarray]:
+  """``(meta, codebooks [C, V, d])`` of a complete token cache."""
+  path = meta_path(workdir)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no token cache in {os.path.dirname(path)} ({META_FILE} is "
+                            f"missing); run the 'encode' stage first")
+  with open(path) as f:
+    meta = json.load(f)
+  with np.load(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE), allow_pickle=False) as data:
+    return meta, data["codebooks"]
 
 
 def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -95,3 +114,46 @@ def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
       codes.append(data["codes"].astype(np.int32))
       labels.append(data["labels"].astype(np.int32))
   return np.concatenate(codes), np.concatenate(labels)
+
+
+def _token_batch(batch: dict) -> dict:
+  """An image-source batch over cached codes -> ``{"codes", "label"[, "valid"]}``."""
+  out = dict(batch)
+  out["codes"] = out.pop("image").astype(np.int32)
+  return out
+
+
+def token_source(workdir: str, split: str, num_classes: int):
+  """The cached codes of a split as a random-access source (codes in its image field)."""
+  codes, labels = load_tokens(workdir, split)
+  return data_lib.ArraySource(f"tokens/{split}", codes, labels, num_classes)
+
+
+class TokenBatches:
+  """Shuffled, resumable, per-process batches ``{"codes": [B/P, h, w, D], "label"}`` of
+  cached codes: the data iterator of the image stages over a token source."""
+
+  def __init__(self, source, global_batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    self._batches = data_lib.TrainIterator(source, global_batch_size, seed, process_index,
+                                           process_count)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return _token_batch(next(self._batches))
+
+  def get_state(self) -> dict:
+    return self._batches.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._batches.set_state(state)
+
+
+def sequential_token_batches(source, global_batch_size: int, process_index: int = 0,
+                             process_count: int = 1, max_examples=None):
+  """One in-order pass over cached codes with a ``valid`` mask (evaluation)."""
+  for batch in data_lib.sequential_batches(source, global_batch_size, process_index,
+                                           process_count, max_examples):
+    yield _token_batch(batch)

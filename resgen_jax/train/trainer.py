@@ -125,6 +125,12 @@ def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   return state
 
 
+def ema_warmup_decay(decay: float, step) -> jax.Array:
+  """The parameter-EMA decay at ``step``: ``min(decay, (1 + step) / (10 + step))``, so the
+  average forgets the random initialisation quickly and short runs get a useful EMA."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(task: Task, optimizer: optax.GradientTransformation,
                     lr_fn: Callable, ema_decay: float) -> Callable:
   """Returns ``train_step(state, constants, batch, seed_key) -> (state, metrics)``."""
@@ -136,7 +142,8 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation,
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = (jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+    decay = ema_warmup_decay(ema_decay, state.step)
+    ema_params = (jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                state.ema_params, params) if state.ema_params else {})
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                         model_state=model_state, ema_params=ema_params)

@@ -1,0 +1,108 @@
+"""The ResGen network: a transformer over token positions with a mixture-of-Gaussians head.
+
+Input per position i (method.md section 3, our default): the cumulative embedding of its
+visible depth prefix projected to the model width, plus a learned embedding of its hidden
+count ``k_i`` (0..D), plus a learned position embedding. The class condition (id
+``num_classes`` is the null class for classifier-free guidance) modulates every block
+through adaLN-Zero (DiT). Padding positions (``valid == False``) are masked out of
+attention as keys, so they never change real positions' outputs.
+
+Output per position: logits ``[K]`` and means ``[K, d]`` of a K-component mixture; means go
+through a low-rank projection (width -> K x r -> d, the r -> d map shared by components)
+followed by a learned per-dimension scale and shift.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1.0 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+  """Pre-LN transformer block with adaLN-Zero conditioning (gates start at zero)."""
+  width: int
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array, attn_mask: Array, train: bool) -> Array:
+    mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                   name="modulation")(nn.silu(cond))[:, None]
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype,
+                                     name=name)
+    h = modulate(norm("ln_attn")(x), shift1, scale1)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
+        deterministic=not train, name="attn")(h, h, mask=attn_mask)
+    x = x + gate1 * h
+    h = modulate(norm("ln_mlp")(x), shift2, scale2)
+    h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, name="mlp_in")(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
+    h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
+    return x + gate2 * h
+
+
+class ResGenTransformer(nn.Module):
+  """Visible prefix sums and hidden counts -> mixture over each position's hidden sum."""
+  num_positions: int  # L
+  token_depth: int  # D
+  latent_dim: int  # d
+  num_classes: int  # the null class is id num_classes
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int
+  num_components: int  # K
+  low_rank: int  # r
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, visible_sum: Array, hidden: Array, labels: Array,
+               valid: Optional[Array] = None, train: bool = False):
+    """Args:
+      visible_sum: ``[B, L, d]``; hidden: int ``[B, L]`` in 0..D; labels: int ``[B]`` in
+      0..num_classes (num_classes = null); valid: bool ``[B, L]`` (None: all valid).
+    Returns:
+      logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32).
+    """
+    batch, length, _ = visible_sum.shape
+    if length > self.num_positions:
+      raise ValueError(f"{length} positions exceed the model's {self.num_positions}")
+    valid = jnp.ones((batch, length), bool) if valid is None else valid
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                     (self.num_positions, self.width))
+    x = (nn.Dense(self.width, dtype=self.dtype, name="visible_in")(visible_sum)
+         + nn.Embed(self.token_depth + 1, self.width, name="hidden_count")(hidden)
+         + pos[:length]).astype(self.dtype)
+    cond = nn.Embed(self.num_classes + 1, self.width, name="class_embedding")(labels)
+    attn_mask = nn.make_attention_mask(jnp.ones_like(valid), valid)  # keys: real only
+    block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
+    for i in range(self.num_layers):
+      x = block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                name=f"block_{i}")(x, cond, attn_mask, train)
+    shift, scale = jnp.split(
+        nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros, name="final_modulation")(
+            nn.silu(cond))[:, None], 2, axis=-1)
+    h = modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="ln_final")(x),
+                 shift, scale).astype(jnp.float32)
+    logits = nn.Dense(self.num_components, name="logits")(h)
+    low = nn.Dense(self.num_components * self.low_rank, name="means_low_rank")(h)
+    low = low.reshape(batch, length, self.num_components, self.low_rank)
+    means = nn.Dense(self.latent_dim, use_bias=False, name="means_out")(low)
+    mean_scale = self.param("mean_scale", nn.initializers.ones, (self.latent_dim,))
+    mean_shift = self.param("mean_shift", nn.initializers.zeros, (self.latent_dim,))
+    return logits, means * mean_scale + mean_shift

@@ -1,0 +1,162 @@
+"""Stage 2: trains the ResGen generator on cached RVQ tokens with the shared trainer.
+
+A batch is ``{"codes": int [B, ..., D], "label": int [B]}`` (images: ``[B, h, w, D]``,
+flattened to ``L = h*w`` positions) with an optional ``"valid": bool [B, L]`` padding mask
+for variable-length sequences. The tokenizer's codebooks are a frozen input (``constants``).
+
+Per step: draw the depth-wise mask as hidden counts ``k`` (masking.py), embed the tokens,
+feed the visible prefix sums, and fit the mixture head to the hidden sums (the targets) at
+positions with ``k > 0``; the class is replaced by the null class with probability
+``loss.cond_dropout``. Targets are optionally divided by their RMS for each hidden count
+(``loss.target_norm``), measured once on the first batch and kept in ``model_state``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resgen_jax.codec import rvq
+from resgen_jax.generator import masking, mixture
+from resgen_jax.generator.model import ResGenTransformer
+from resgen_jax.train.task import Task
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_MASK_SEED = 1234  # evaluation draws the same masks every time, so evals compare
+
+
+class GeneratorTask(Task):
+  """ResGen over token grids ``[L, D]`` with ``num_classes`` classes."""
+
+  name = "generator"
+
+  def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
+               num_positions: int, depth: int, num_classes: int):
+    m, loss = cfg.model, cfg.loss
+    if loss.kind not in mixture.LOSSES:
+      raise ValueError(f"generator.loss.kind must be one of {mixture.LOSSES}, got {loss.kind!r}")
+    if not 0.0 <= loss.cond_dropout < 1.0:
+      raise ValueError(f"generator.loss.cond_dropout must be in [0, 1), got "
+                       f"{loss.cond_dropout}")
+    if loss.sigma <= 0:
+      raise ValueError(f"generator.loss.sigma must be positive, got {loss.sigma}")
+    if m.dtype not in DTYPES:
+      raise ValueError(f"generator.model.dtype must be one of {sorted(DTYPES)}, got "
+                       f"{m.dtype!r}")
+    masking.schedule(loss.schedule)  # validates the name
+    self.cfg = cfg
+    self.codebooks = jnp.asarray(codebooks, jnp.float32)
+    self.num_positions, self.depth, self.num_classes = num_positions, depth, num_classes
+    self.model = ResGenTransformer(
+        num_positions=num_positions, token_depth=depth, latent_dim=codebooks.shape[-1],
+        num_classes=num_classes, width=m.width, num_layers=m.num_layers,
+        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
+        low_rank=m.low_rank, dropout=m.dropout, remat=m.remat, dtype=DTYPES[m.dtype])
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  def constants(self):
+    return {"codebooks": self.codebooks}
+
+  def flatten(self, batch: dict):
+    """``(codes [B, L, D], labels [B], valid [B, L])`` from a batch."""
+    codes = batch["codes"]
+    if codes.shape[-1] != self.depth:
+      raise ValueError(f"token codes have depth {codes.shape[-1]}, the generator expects "
+                       f"{self.depth}")
+    codes = codes.reshape(codes.shape[0], -1, self.depth).astype(jnp.int32)
+    valid = batch.get("valid_positions")
+    valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
+    return codes, batch["label"].astype(jnp.int32), valid
+
+  def init(self, rng, batch):
+    codes, labels, valid = self.flatten(batch)
+    visible = jnp.zeros(codes.shape[:2] + (self.codebooks.shape[-1],))
+    params = {"model": self.model.init(rng, visible, jnp.zeros(codes.shape[:2], jnp.int32),
+                                       labels, valid)["params"]}
+    if self.cfg.loss.learn_sigma:
+      params["log_sigma"] = jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32)
+    return params, {"target_rms": jnp.ones((self.depth + 1,), jnp.float32)}
+
+  def data_init(self, params, model_state, batch, rng):
+    """RMS of the hidden sum for every hidden count k = 1..D over the first batch."""
+    del params, rng
+    if not self.cfg.loss.target_norm:
+      return model_state
+    codes, _, valid = self.flatten(batch)
+    emb = rvq.embed(codes, self.codebooks)  # [B, L, D, d]
+    tails = jnp.cumsum(emb[..., ::-1, :], axis=-2)  # tails[..., k-1, :] = top-k sum
+    weight = valid[..., None, None].astype(jnp.float32)
+    mean_sq = jnp.sum(jnp.square(tails) * weight, axis=(0, 1, 3)) / (
+        jnp.sum(weight) * emb.shape[-1])
+    rms = jnp.sqrt(jnp.maximum(mean_sq, 1e-12))
+    return {"target_rms": jnp.concatenate([jnp.ones((1,)), rms])}
+
+  def log_sigma(self, params) -> jax.Array:
+    return params.get("log_sigma", jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32))
+
+  def losses(self, params, model_state, constants, batch, rng, train: bool):
+    """Loss terms and metrics of one batch with masks drawn from ``rng``."""
+    loss_cfg = self.cfg.loss
+    codes, labels, valid = self.flatten(batch)
+    mask_key, drop_key, dropout_key = jax.random.split(rng, 3)
+    hidden = masking.sample_hidden_counts(mask_key, valid, self.depth,
+                                          masking.schedule(loss_cfg.schedule))
+    visible, target = masking.split_embeddings(rvq.embed(codes, constants["codebooks"]), hidden)
+    target = target / model_state["target_rms"][hidden][..., None]
+    if train:
+      dropped = jax.random.bernoulli(drop_key, loss_cfg.cond_dropout, labels.shape)
+      labels = jnp.where(dropped, self.null_class, labels)
+    logits, means = self.model.apply({"params": params["model"]}, visible, hidden, labels,
+                                     valid, train=train, rngs={"dropout": dropout_key})
+    weights = ((hidden > 0) & valid).astype(jnp.float32)
+    log_sigma = self.log_sigma(params)
+    terms = mixture.jensen_losses(target, logits, means, log_sigma, weights,
+                                  loss_cfg.learn_sigma)
+    nll = mixture.mixture_nll(target, logits, means, log_sigma, weights)
+    loss = terms["cls"] + terms["reg"] if loss_cfg.kind == "jensen" else nll
+    metrics = {"cls": terms["cls"], "reg": terms["reg"], "nll": nll,
+               "mixture_entropy": mixture.usage_entropy(logits, weights),
+               "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth),
+               "sigma": jnp.exp(log_sigma)}
+    return loss, metrics
+
+  def loss_and_grads(self, params, model_state, constants, batch, rng, step):
+    del step
+    (loss, metrics), grads = jax.value_and_grad(self.losses, has_aux=True)(
+        params, model_state, constants, batch, rng, True)
+    return loss, grads, model_state, metrics
+
+  def eval_step(self, params, model_state, constants, batch):
+    valid = batch["valid"].astype(jnp.float32)
+    per_example = jax.vmap(
+        lambda b, key: self.losses(params, model_state, constants,
+                                   jax.tree.map(lambda x: x[None], b), key, False),
+    )
+    keys = jax.random.split(jax.random.key(EVAL_MASK_SEED), valid.shape[0])
+    example_batch = {k: v for k, v in batch.items() if k != "valid"}
+    loss, metrics = per_example(example_batch, keys)
+    sums = {k: jnp.sum(v * valid) for k, v in dict(metrics, loss=loss).items()}
+    sums["count"] = jnp.sum(valid)
+    return sums
+
+  def network_fn(self, params, model_state, codebooks, labels: jax.Array,
+                 valid: jax.Array) -> Callable:
+    """The sampler's ``(codes, hidden, conditional) -> (logits, means)`` for these labels;
+    means are returned in embedding units (target normalisation undone)."""
+    null = jnp.full_like(labels, self.null_class)
+
+    def network(codes, hidden, conditional):
+      visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
+      logits, means = self.model.apply({"params": params["model"]}, visible, hidden,
+                                       labels if conditional else null, valid)
+      return logits, means * model_state["target_rms"][hidden][..., None, None]
+
+    return network

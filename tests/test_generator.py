@@ -1,0 +1,226 @@
+"""The generator: masking invariants, targets and losses against numpy, the network's
+padding mask, target normalisation, and one real training step."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import tiny_config
+from resgen_jax.codec import rvq
+from resgen_jax.generator import masking, mixture
+from resgen_jax.generator.task import GeneratorTask
+from resgen_jax.train import optim, trainer
+
+
+def test_schedules_go_from_all_hidden_to_none():
+  for name in masking.SCHEDULES:
+    gamma = masking.schedule(name)
+    assert float(gamma(jnp.asarray(0.0))) == pytest.approx(1.0)
+    assert float(gamma(jnp.asarray(1.0))) == pytest.approx(0.0, abs=1e-6)
+    values = np.asarray(gamma(jnp.linspace(0, 1, 11)))
+    assert (np.diff(values) <= 1e-7).all(), name
+  with pytest.raises(ValueError, match="unknown mask schedule"):
+    masking.schedule("exp")
+
+
+def test_mask_totals_prefix_and_padding():
+  batch, length, depth = 64, 7, 5
+  valid = np.ones((batch, length), bool)
+  valid[::3, 5:] = False  # some examples are shorter
+  ratio = jnp.asarray(np.random.default_rng(0).random(batch), jnp.float32)
+  gamma = masking.schedule("cosine")
+  k = np.asarray(masking.sample_hidden_counts(jax.random.key(1), jnp.asarray(valid), depth,
+                                              gamma, ratio=ratio))
+  totals = valid.sum(1) * depth
+  expected = np.clip(np.ceil(np.cos(np.pi * np.asarray(ratio) / 2) * totals), 1, totals)
+  np.testing.assert_array_equal(k.sum(1), expected)
+  assert (k[~valid] == 0).all() and (k >= 0).all() and (k <= depth).all()
+  mask = np.asarray(masking.hidden_mask(jnp.asarray(k), depth))
+  # Hidden tokens are a top run of depths: once hidden, every finer depth is hidden too.
+  assert not (mask[..., :-1] & ~mask[..., 1:]).any()
+  np.testing.assert_array_equal(mask.sum(-1), k)
+
+
+def test_slots_are_chosen_uniformly_without_replacement():
+  """With n fixed, each position's hidden count is hypergeometric(L*D, D, n)."""
+  draws, length, depth, n = 4000, 6, 4, 9
+  total = length * depth
+  ratio = jnp.full((draws,), 0.0)
+  gamma = lambda r: jnp.full_like(r, n / total)
+  k = np.asarray(masking.sample_hidden_counts(
+      jax.random.key(7), jnp.ones((draws, length), bool), depth, gamma, ratio=ratio))
+  assert (k.sum(1) == n).all()
+  expected = stats.hypergeom(total, depth, n).pmf(np.arange(depth + 1))
+  for position in range(length):
+    observed = np.bincount(k[:, position], minlength=depth + 1)
+    chi2 = stats.chisquare(observed[expected > 0],
+                           expected[expected > 0] * draws * observed.sum() / draws /
+                           expected[expected > 0].sum())
+    assert chi2.pvalue > 1e-3, (position, observed, expected * draws)
+
+
+def test_visible_and_hidden_sums_match_numpy():
+  rng = np.random.default_rng(3)
+  depth, dim = 4, 3
+  books = rng.normal(size=(depth, 6, dim)).astype(np.float32)
+  codes = rng.integers(0, 6, (2, 5, depth))
+  k = rng.integers(0, depth + 1, (2, 5))
+  visible, hidden = masking.split_embeddings(rvq.embed(jnp.asarray(codes), jnp.asarray(books)),
+                                             jnp.asarray(k))
+  ref_vis, ref_hid = np.zeros((2, 5, dim)), np.zeros((2, 5, dim))
+  for b in range(2):
+    for i in range(5):
+      for j in range(depth):
+        target = ref_hid if j >= depth - k[b, i] else ref_vis
+        target[b, i] += books[j, codes[b, i, j]]
+  np.testing.assert_allclose(visible, ref_vis, atol=1e-5)
+  np.testing.assert_allclose(hidden, ref_hid, atol=1e-5)
+
+
+def np_losses(target, logits, means, sigma, weights, learned):
+  sq = ((target[..., None, :] - means) ** 2).sum(-1) / (2 * sigma ** 2)
+  q = np.exp(-sq - (-sq).max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  cls = -(q * log_pi).sum(-1)
+  reg = (q * sq).sum(-1) + (target.shape[-1] * np.log(sigma) if learned else 0.0)
+  d = target.shape[-1]
+  log_n = -sq - d * np.log(sigma) - 0.5 * d * np.log(2 * np.pi)
+  nll = -np.log((np.exp(log_pi + log_n)).sum(-1))
+  mean = lambda v: (v * weights).sum() / weights.sum()
+  return mean(cls), mean(reg), mean(nll)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_losses_match_numpy(learned):
+  rng = np.random.default_rng(4)
+  target = rng.normal(size=(3, 4, 5))
+  logits = rng.normal(size=(3, 4, 6))
+  means = rng.normal(size=(3, 4, 6, 5))
+  weights = (rng.random((3, 4)) < 0.6).astype(np.float64)
+  sigma = 0.7
+  cls, reg, nll = np_losses(target, logits, means, sigma, weights, learned)
+  args = [jnp.asarray(x, jnp.float32) for x in (target, logits, means)]
+  log_sigma = jnp.asarray(math.log(sigma), jnp.float32)
+  got = mixture.jensen_losses(*args, log_sigma, jnp.asarray(weights, jnp.float32), learned)
+  np.testing.assert_allclose(got["cls"], cls, rtol=1e-5)
+  np.testing.assert_allclose(got["reg"], reg, rtol=1e-5)
+  np.testing.assert_allclose(
+      mixture.mixture_nll(*args, log_sigma, jnp.asarray(weights, jnp.float32)), nll, rtol=1e-5)
+  # The Jensen split bounds the exact NLL from above, up to the Gaussian's normaliser.
+  d = target.shape[-1]
+  assert cls + reg + (0 if learned else d * np.log(sigma)) + 0.5 * d * np.log(
+      2 * np.pi) >= nll - 1e-6
+
+
+def tiny_task(depth=3, num_positions=6, classes=4, **loss):
+  cfg = tiny_config().generator
+  cfg.model.update(width=32, num_layers=2, num_heads=2, num_components=4, low_rank=4)
+  cfg.loss.update(loss)
+  books = np.random.default_rng(5).normal(size=(depth, 8, 4)).astype(np.float32)
+  return GeneratorTask(cfg, books, num_positions, depth, classes), books
+
+
+def token_batch(n=8, positions=6, depth=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"codes": jnp.asarray(rng.integers(0, 8, (n, positions, depth)), jnp.int32),
+          "label": jnp.asarray(rng.integers(0, 4, (n,)), jnp.int32)}
+
+
+def test_padding_never_changes_real_positions():
+  task, _ = tiny_task()
+  rng = np.random.default_rng(6)
+  visible = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  hidden = rng.integers(0, 4, (2, 6))
+  valid = np.ones((2, 6), bool)
+  valid[:, 4:] = False
+  labels = jnp.asarray([1, 2])
+  params = task.model.init(jax.random.key(0), jnp.asarray(visible), jnp.asarray(hidden), labels,
+                           jnp.asarray(valid))
+  # adaLN-Zero starts every block as the identity; perturb so attention matters.
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                        params)
+  apply = jax.jit(lambda v, h: task.model.apply(params, v, h, labels, jnp.asarray(valid)))
+  out = apply(jnp.asarray(visible), jnp.asarray(hidden))
+  visible2, hidden2 = visible.copy(), hidden.copy()
+  visible2[:, 4:] = 100.0 * rng.normal(size=(2, 2, 4))
+  hidden2[:, 4:] = 3
+  out2 = apply(jnp.asarray(visible2), jnp.asarray(hidden2))
+  for a, b in zip(out, out2):
+    np.testing.assert_allclose(np.asarray(a)[:, :4], np.asarray(b)[:, :4], atol=1e-5)
+  # Without the mask the same change does reach the real positions.
+  free = jax.jit(lambda v, h: task.model.apply(params, v, h, labels, None))
+  assert not np.allclose(free(jnp.asarray(visible), jnp.asarray(hidden))[1][:, :4],
+                         free(jnp.asarray(visible2), jnp.asarray(hidden2))[1][:, :4])
+
+
+def test_target_normalisation_from_data_and_network_fn_undoes_it():
+  task, books = tiny_task()
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  state = task.data_init(params, state, batch, jax.random.key(1))
+  emb = books[np.arange(3), np.asarray(batch["codes"])]  # [B, L, D, d]
+  for k in range(1, 4):
+    tail = emb[..., 3 - k:, :].sum(-2)
+    np.testing.assert_allclose(state["target_rms"][k], np.sqrt((tail ** 2).mean()), rtol=1e-5)
+  assert float(state["target_rms"][0]) == 1.0
+  codes, labels, valid = task.flatten(batch)
+  hidden = jnp.full(codes.shape[:2], 2)
+  net = task.network_fn(params, state, jnp.asarray(books), labels, valid)
+  logits, means = net(codes, hidden, True)
+  visible, _ = masking.split_embeddings(rvq.embed(codes, jnp.asarray(books)), hidden)
+  raw_logits, raw_means = task.model.apply({"params": params["model"]}, visible, hidden, labels,
+                                           valid)
+  np.testing.assert_allclose(logits, raw_logits, atol=1e-6)
+  np.testing.assert_allclose(means, raw_means * state["target_rms"][2], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, learn_sigma", [("jensen", False), ("nll", True)])
+def test_one_training_step(kind, learn_sigma):
+  task, _ = tiny_task(kind=kind, learn_sigma=learn_sigma)
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  state = task.data_init(params, state, batch, jax.random.key(1))
+  cfg = tiny_config().generator.train
+  optimizer = optim.make_optimizer(cfg)
+  train_state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      model_state=state, ema_params={}, nonfinite_step=jnp.array(-1, jnp.int32))
+  step = jax.jit(trainer.make_train_step(task, optimizer, lambda s: 1e-3, 0.0))
+  s1, m1 = step(train_state, task.constants(), batch, jax.random.key(2))
+  s2, m2 = step(s1, task.constants(), batch, jax.random.key(2))
+  for m in (m1, m2):
+    assert all(np.isfinite(float(v)) for v in m.values())
+    assert 0 < float(m["mask_ratio"]) <= 1
+    assert 0 <= float(m["mixture_entropy"]) <= math.log(4) + 1e-5
+  expected = float(m2["nll"]) if kind == "nll" else float(m2["cls"] + m2["reg"])
+  assert float(m2["loss"]) == pytest.approx(expected, rel=1e-5)
+  moved = [not np.array_equal(a, b) for a, b in
+           zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params))]
+  assert any(moved)
+  if learn_sigma:
+    assert float(s1.params["log_sigma"]) != float(s2.params["log_sigma"])
+    assert float(m2["sigma"]) == pytest.approx(math.exp(float(s1.params["log_sigma"])))
+  sums = jax.jit(task.eval_step)(s2.params, s2.model_state, task.constants(),
+                                 dict(batch, valid=jnp.ones((8,), bool)))
+  assert float(sums["count"]) == 8 and np.isfinite(float(sums["loss"]))
+
+
+def test_bad_generator_config_values():
+  for field, value, message in [("kind", "mse", "loss.kind"), ("cond_dropout", 1.0, "cond_dropout"),
+                                ("sigma", 0.0, "sigma"), ("schedule", "exp", "mask schedule")]:
+    with pytest.raises(ValueError, match=message):
+      tiny_task(**{field: value})
+  task, _ = tiny_task()
+  with pytest.raises(ValueError, match="depth 2"):
+    task.flatten({"codes": jnp.zeros((1, 6, 2), jnp.int32), "label": jnp.zeros((1,))})
+
+
+def test_ema_warmup_decay():
+  assert float(trainer.ema_warmup_decay(0.999, 0)) == pytest.approx(0.1)
+  assert float(trainer.ema_warmup_decay(0.999, 90)) == pytest.approx(0.91)
+  assert float(trainer.ema_warmup_decay(0.999, 10 ** 6)) == pytest.approx(0.999)
