@@ -10,18 +10,17 @@ from __future__ import annotations
 import ml_collections
 
 # Fields (or whole sections) that may differ between a run's saved config.json and the
-# config that resumes it: they change how long or how verbosely a run goes, or how it
-# samples, not what its checkpoints contain.
+# config that resumes it: they change how verbosely a run goes, where its data lives, or how
+# it samples, not what it trains. (num_steps is not among them: it shapes the learning-rate
+# schedule, so a run resumed with another value would not be the run it claims to be.)
 RESUMABLE_FIELDS = (
     "stages",
-    "tokenizer.train.num_steps",
     "tokenizer.train.log_every",
     "tokenizer.train.eval_every",
     "tokenizer.train.eval_examples",
     "tokenizer.train.checkpoint_every",
     "tokenizer.train.keep_checkpoints",
     "tokenizer.train.async_checkpoints",
-    "generator.train.num_steps",
     "generator.train.log_every",
     "generator.train.eval_every",
     "generator.train.eval_examples",

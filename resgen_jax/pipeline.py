@@ -27,7 +27,7 @@ import numpy as np
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax.codec import token_cache
-from resgen_jax.codec.tokenizer import TokenizerTask
+from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -148,12 +148,15 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
   metrics = trainer.evaluate(eval_step, state, task.constants(), full_eval(), mesh)
   report = {"step": int(state.step), "eval_split": config.data.eval_split,
             "psnr_by_depth": [metrics[f"psnr_d{j + 1}"] for j in range(task.tok.depth)]}
+  # Computed by every process (the parameters are global arrays), written by process 0.
+  reconstruct = jax.jit(
+      lambda p, b, images: (images[:RECON_EXAMPLES], prefix_reconstructions(
+          task.tok, p, b, images[:RECON_EXAMPLES])),
+      out_shardings=mesh_lib.replicated(mesh))
+  originals, recons = reconstruct(state.params["autoencoder"],
+                                  state.model_state["codebook"].codebooks, example["image"])
   if jax.process_index() == 0:
-    images = np.asarray(example["image"][:RECON_EXAMPLES])
-    params, books = state.eval_params()["autoencoder"], state.model_state["codebook"].codebooks
-    codes = task.tok.encode(params, books, jnp.asarray(images))
-    rows = [images] + [image_utils.to_uint8(task.tok.decode(params, books, codes, j + 1))
-                       for j in range(task.tok.depth)]
+    rows = [np.asarray(originals)] + list(image_utils.to_uint8(recons))
     image_utils.save_png(os.path.join(stage_dir, RECON_FILE),
                          image_utils.grid(np.concatenate(rows), RECON_EXAMPLES))
     files.save_json(path, report)
@@ -177,14 +180,20 @@ def load_tokenizer(config, workdir: str, mesh):
 def run_encode(config, workdir: str, mesh) -> None:
   """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
   task, state, passes = load_tokenizer(config, workdir, mesh)
+  if int(state.step) < config.tokenizer.train.num_steps:
+    raise ValueError(
+        f"the tokenizer in {workdir} has trained {int(state.step)} of "
+        f"{config.tokenizer.train.num_steps} steps; finish its training (--mode=train) "
+        f"before encoding")
   h, w = task.tok.grid_shape(config.data.image_size)
   meta = {"grid": [h, w], "depth": task.tok.depth, "codebook_size": task.tok.codebook_size,
-          "tokenizer_step": int(state.step), "image_size": config.data.image_size}
+          "tokenizer_step": int(state.step), "image_size": config.data.image_size,
+          "process_count": jax.process_count()}
   if token_cache.is_cached(workdir, tuple(passes), meta):
     logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
     return
-  params, books = state.eval_params()["autoencoder"], state.model_state["codebook"].codebooks
-  encode = jax.jit(task.tok.encode)
+  params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
+  encode = jax.jit(task.tok.encode, out_shardings=mesh_lib.batch_sharding(mesh))
 
   def encode_local(batch):
     codes = encode(params, books, mesh_lib.global_batch({"image": batch["image"]}, mesh)["image"])
@@ -284,7 +293,7 @@ def run_sample(config, workdir: str, mesh) -> str:
   tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
   gen_task, gen_state = load_generator(config, workdir, mesh)
   draw = make_image_sampler(config, tok_task, gen_task)
-  ae_params = tok_state.eval_params()["autoencoder"]
+  ae_params = tok_state.params["autoencoder"]
   codebooks = tok_state.model_state["codebook"].codebooks
   labels = np.repeat(np.arange(config.data.num_classes), scfg.samples_per_class)
   images, codes = [], []

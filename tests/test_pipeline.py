@@ -73,7 +73,7 @@ def test_cached_codes_are_the_tokenizers_codes(trained):
   with open(token_cache.meta_path(trained)) as f:
     meta = json.load(f)
   assert meta == {"grid": [4, 4], "depth": 3, "codebook_size": 16,
-                  "tokenizer_step": TRAINED_STEPS, "image_size": 16}
+                  "tokenizer_step": TRAINED_STEPS, "image_size": 16, "process_count": 1}
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(trained):

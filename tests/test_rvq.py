@@ -210,3 +210,19 @@ def test_code_usage_metrics(rng):
   p1, p2 = np.array([.5, .25, .25]), np.array([1 / 3, 2 / 3])
   np.testing.assert_allclose(m["perplexity"], [np.exp(-(p1 * np.log(p1)).sum()),
                                                np.exp(-(p2 * np.log(p2)).sum())], rtol=1e-5)
+
+
+def test_restart_picks_are_distinct_valid_candidates():
+  valid = jnp.asarray(np.random.default_rng(0).random((3, 40)) < 0.5)
+  picks = np.asarray(rvq.restart_picks(jax.random.key(1), valid, 10))
+  for book in range(3):
+    assert len(set(picks[book])) == 10  # enough valid candidates: no duplicates
+    assert np.asarray(valid)[book, picks[book]].all()
+  few = jnp.zeros((1, 40), bool).at[0, 5].set(True).at[0, 9].set(True)
+  picks = np.asarray(rvq.restart_picks(jax.random.key(2), few, 10))
+  assert set(picks[0]) <= {5, 9} and set(picks[0]) == {5, 9}
+
+
+def test_shared_codebook_needs_the_depth():
+  with pytest.raises(ValueError, match="shared codebook"):
+    rvq.quantize(jnp.zeros((2, 3)), jnp.zeros((1, 5, 3)))

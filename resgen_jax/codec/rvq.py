@@ -93,7 +93,10 @@ def quantize(z: Array, codebooks: Array, depth: Optional[int] = None,
   Returns:
     :class:`Quantized`.
   """
-  depth = codebooks.shape[0] if depth is None else depth
+  if depth is None:
+    if codebooks.shape[0] == 1:
+      raise ValueError("a shared codebook ([1, V, d]) needs the depth D to quantize to")
+    depth = codebooks.shape[0]
   books = books_for_depth(codebooks, depth)
   if z.shape[-1] != books.shape[-1]:
     raise ValueError(f"z has width {z.shape[-1]} but codebooks have width {books.shape[-1]}")
@@ -185,6 +188,19 @@ class CodebookState:
                embed_sum=codebooks.astype(jnp.float32) * RESTART_CLUSTER_SIZE)
 
 
+def _scatter_indices(codes: Array, mask: Array):
+  """(depth index, code index, weight) ``[N, D]`` each, for scatter-adds into ``[D, V]``.
+  Scatter-adds, not one-hots: an ``[N, D, V]`` one-hot is gigabytes at the paper's size."""
+  rows = jnp.broadcast_to(jnp.arange(codes.shape[1]), codes.shape)
+  return rows, jnp.where(mask, codes, 0), mask.astype(jnp.float32)
+
+
+def code_counts(codes: Array, mask: Array, codebook_size: int) -> Array:
+  """How often each code was chosen at each depth. codes, mask ``[N, D]`` -> ``[D, V]``."""
+  rows, safe, weight = _scatter_indices(codes, mask)
+  return jnp.zeros((codes.shape[1], codebook_size), jnp.float32).at[rows, safe].add(weight)
+
+
 def batch_statistics(residuals: Array, codes: Array, mask: Array, num_books: int,
                      codebook_size: int):
   """Per-book code counts and residual sums over a (global) batch.
@@ -199,11 +215,10 @@ def batch_statistics(residuals: Array, codes: Array, mask: Array, num_books: int
   Returns:
     counts ``[C, V]`` and sums ``[C, V, d]``.
   """
-  onehot = jax.nn.one_hot(jnp.where(mask, codes, 0), codebook_size, dtype=jnp.float32)
-  onehot = onehot * mask[..., None]
-  counts = jnp.sum(onehot, axis=0)  # [D, V]
-  sums = jnp.einsum("ndv,ndc->dvc", onehot, residuals.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  rows, safe, weight = _scatter_indices(codes, mask)
+  counts = code_counts(codes, mask, codebook_size)
+  sums = jnp.zeros((codes.shape[1], codebook_size, residuals.shape[-1]), jnp.float32).at[
+      rows, safe].add(residuals.astype(jnp.float32) * weight[..., None])
   if num_books == 1:
     counts, sums = counts.sum(0, keepdims=True), sums.sum(0, keepdims=True)
   return counts, sums
@@ -246,11 +261,8 @@ def restart_dead_codes(state: CodebookState, candidates: Array, candidate_mask: 
   """
   dead = state.cluster_size < threshold  # [C, V]
   num_books, codebook_size = dead.shape
-  logits = jnp.where(candidate_mask.T, 0.0, -jnp.inf)  # [C, N]
   any_valid = jnp.any(candidate_mask, axis=0)  # [C]
-  keys = jax.random.split(rng, num_books)
-  picks = jax.vmap(lambda k, l: jax.random.categorical(k, l, shape=(codebook_size,)))(
-      keys, logits)  # [C, V]
+  picks = restart_picks(rng, candidate_mask.T, codebook_size)  # [C, V]
   new = jnp.take_along_axis(jnp.swapaxes(candidates, 0, 1), picks[..., None], axis=1)
   replace = dead & any_valid[:, None]
   new_state = CodebookState(
@@ -258,6 +270,24 @@ def restart_dead_codes(state: CodebookState, candidates: Array, candidate_mask: 
       cluster_size=jnp.where(replace, RESTART_CLUSTER_SIZE, state.cluster_size),
       embed_sum=jnp.where(replace[..., None], new * RESTART_CLUSTER_SIZE, state.embed_sum))
   return new_state, jnp.sum(dead, axis=-1)
+
+
+def restart_picks(rng: Array, valid: Array, count: int) -> Array:
+  """``count`` candidate indices per book, distinct while there are enough valid ones.
+
+  Gumbel top-k draws valid candidates uniformly without replacement, so restarted codes do
+  not start as copies of each other; when a book has fewer valid candidates than
+  ``count``, the rest are drawn with replacement. valid: bool ``[C, N]`` -> ``[C, count]``.
+  """
+  order_key, extra_key = jax.random.split(rng)
+  logits = jnp.where(valid, 0.0, -jnp.inf)
+  extra = jax.random.categorical(extra_key, logits[:, None, :], axis=-1,
+                                 shape=(valid.shape[0], count))
+  if valid.shape[1] < count:
+    return extra
+  scores = jax.random.gumbel(order_key, valid.shape) + logits
+  top_scores, top = jax.lax.top_k(scores, count)
+  return jnp.where(jnp.isfinite(top_scores), top, extra)
 
 
 def kmeans(x: Array, num_clusters: int, num_iters: int, rng: Array,
@@ -319,8 +349,7 @@ def code_usage_metrics(codes: Array, mask: Array, codebook_size: int) -> dict:
   Returns:
     ``{"usage": [D], "perplexity": [D]}``.
   """
-  onehot = jax.nn.one_hot(jnp.where(mask, codes, 0), codebook_size) * mask[..., None]
-  counts = onehot.sum(0)  # [D, V]
+  counts = code_counts(codes, mask, codebook_size)  # [D, V]
   probs = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)),
                                0.0), axis=-1)

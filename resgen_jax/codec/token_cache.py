@@ -4,7 +4,8 @@ Layout under ``DIR/tokens/``:
   ``{split}.{p:05d}-of-{P:05d}.npz``: ``codes`` int16/int32 ``[N_p, h, w, D]`` and ``labels``
       int32 ``[N_p]`` encoded by process ``p`` of ``P`` (the examples of each process's
       slices of the sequential evaluation batches; order does not matter for training).
-  ``meta.json``: grid shape, depth, codebook size, the tokenizer step the codes come from.
+  ``meta.json``: grid shape, depth, codebook size, the tokenizer step the codes come from,
+      and the process count that wrote the shards.
   ``codebooks.npz``: ``codebooks`` ``[C, V, d]`` of that tokenizer, so the generator stage
       needs only this directory.
 
@@ -46,12 +47,13 @@ def is_cached(workdir: str, splits: Iterable[str], meta: dict) -> bool:
     return False
   with open(path) as f:
     saved = json.load(f)
-  if saved != meta:
+  without_count = lambda m: {k: v for k, v in m.items() if k != "process_count"}
+  if without_count(saved) != without_count(meta):
     raise ValueError(
         f"{path} describes codes from another tokenizer ({saved}) than this run's ({meta}); "
         f"remove {os.path.dirname(path)} to encode again")
   count = jax.process_count()
-  return os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE)) and all(os.path.exists(shard_path(workdir, s, p, count))
+  return saved == meta and os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE)) and all(os.path.exists(shard_path(workdir, s, p, count))
              for s in splits for p in range(count))
 
 
@@ -101,8 +103,13 @@ def load_meta(workdir: str) -> Tuple[dict, np.ndarray]:
 
 
 def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """All shards of a split: codes int32 ``[N, h, w, D]`` and labels int32 ``[N]``."""
-  pattern = os.path.join(workdir, TOKENS_DIR, f"{split}.*-of-*.npz")
+  """All shards of a split: codes int32 ``[N, h, w, D]`` and labels int32 ``[N]``.
+
+  Only the shards of the process count recorded in ``meta.json`` are read, so shards left
+  by an encoding with another process count never mix in.
+  """
+  meta, _ = load_meta(workdir)
+  pattern = os.path.join(workdir, TOKENS_DIR, f"{split}.*-of-{meta['process_count']:05d}.npz")
   paths = sorted(glob.glob(pattern))
   if not paths:
     raise FileNotFoundError(

@@ -83,19 +83,23 @@ class Tokenizer:
     return self.cfg.quantizer.init_scale * jax.random.normal(rng, shape)
 
 
-def prefix_psnr(tok: Tokenizer, params, codebooks: jax.Array, images: jax.Array) -> jax.Array:
-  """Reconstruction PSNR (dB, images in [0,1]) of every depth prefix. -> ``[D, B]``.
+def prefix_reconstructions(tok: Tokenizer, params, codebooks: jax.Array,
+                           images: jax.Array) -> jax.Array:
+  """Reconstructions from every depth prefix: uint8 ``[B,H,W,C]`` -> float ``[D,B,H,W,C]``.
 
-  Decodes one prefix at a time (``lax.map``) so memory does not grow with D.
+  Decodes one prefix at a time (``lax.map``) so the decoder's activations do not grow
+  with D.
   """
   x = image_utils.to_float(images)
   codes = rvq.quantize(tok.encode_latents(params, x), codebooks, depth=tok.depth).codes
   cumulative = jnp.moveaxis(rvq.cumulative_embeddings(codes, codebooks), -2, 0)
+  return jax.lax.map(lambda latents: tok.decode_latents(params, latents), cumulative)
 
-  def psnr(latents):
-    return image_utils.psnr(tok.decode_latents(params, latents), x)
 
-  return jax.lax.map(psnr, cumulative)
+def prefix_psnr(tok: Tokenizer, params, codebooks: jax.Array, images: jax.Array) -> jax.Array:
+  """Reconstruction PSNR (dB, images in [0,1]) of every depth prefix. -> ``[D, B]``."""
+  return image_utils.psnr(prefix_reconstructions(tok, params, codebooks, images),
+                          image_utils.to_float(images))
 
 
 class TokenizerTask(Task):
@@ -112,6 +116,10 @@ class TokenizerTask(Task):
     if self.use_perceptual and not loss.perceptual_weights:
       raise ValueError("tokenizer.loss.perceptual_weight > 0 needs "
                        "tokenizer.loss.perceptual_weights, the path of an LPIPS .npz file")
+    if cfg.train.ema_decay > 0:
+      raise ValueError(
+          "tokenizer.train.ema_decay must be 0: the codebooks are fitted to the trained "
+          "encoder's outputs, so an averaged encoder would not match them")
     if not 0.0 <= cfg.quantizer.dropout_prob <= 1.0:
       raise ValueError(f"tokenizer.quantizer.dropout_prob must be in [0, 1], got "
                        f"{cfg.quantizer.dropout_prob}")

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import optim, writers
@@ -180,8 +182,13 @@ def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterabl
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a flag the loop polls, so it can save before exiting. Also asks
-  orbax about multi-host preemption notices when ``jax.distributed`` is initialised."""
+  """Turns SIGTERM into a flag the loop polls, so it can save before exiting.
+
+  Every process must stop at the same step (saving is collective), so with several
+  processes the flag is agreed on (any process signalled) at every poll; orbax's
+  multi-host preemption notices (``reached_preemption``) are consulted too. After the
+  first SIGTERM the previous handler is back, so a second one stops the process at once.
+  """
 
   def __init__(self):
     self.requested = False
@@ -193,13 +200,19 @@ class PreemptionWatcher:
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint before exiting")
     self.requested = True
+    self.close()
 
   def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
-    return self.requested or manager.reached_preemption(step)
+    notice = manager.reached_preemption(step)
+    local = self.requested
+    if jax.process_count() > 1:
+      local = bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+    return notice or local
 
   def close(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def checkpoint_manager(stage_dir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -303,10 +316,12 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(task))
-  progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps, writer=writer,
+  # Progress (steps/s, ETA) goes to the log; steps/s also joins each train metrics row.
+  progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps,
                                              every_steps=cfg.log_every)
   watcher = PreemptionWatcher()
   history, preempted = [], False
+  interval_start, interval_step = time.time(), start
   try:
     for step in range(start, cfg.num_steps):
       batch = mesh_lib.global_batch(next(train_iter), mesh)
@@ -317,8 +332,10 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
       if done % cfg.log_every == 0 or done == cfg.num_steps:
         check_finite(state, manager)
         means = jax.device_get(_mean_metrics(history))
+        now = time.time()
+        means["steps_per_sec"] = (done - interval_step) / max(now - interval_start, 1e-9)
         writer.write_scalars(done, {f"train/{k}": float(v) for k, v in means.items()})
-        history = []
+        history, interval_start, interval_step = [], now, done
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
         result = evaluate(eval_step, state, constants, eval_batches(), mesh)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
