@@ -1,0 +1,340 @@
+"""A small classifier trained on the data set's labels, for scoring class-conditional samples.
+
+Where Inception does not fit (tiny images, no pretrained weights at hand) the project trains
+its own feature extractor: :class:`Classifier` on the training split. It gives two numbers
+for images generated for requested classes (:class:`ClassifierEvaluator`):
+
+* ``class_agreement``: the fraction classified as the requested class;
+* ``frechet_distance``: between Gaussians fitted to the classifier's penultimate features of
+  the generated images and of real held-out images.
+
+File format (:func:`save_classifier`): one msgpack file (flax serialization, no pickle) of a
+map with ``meta``, a JSON string (format name and version, ``num_classes``, ``image_shape``
+``[H, W, C]``, ``feature_dim``), and ``params``, the parameter tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import serialization
+from flax import traverse_util
+
+from resgen_jax import data as data_lib
+from resgen_jax.evaluation import frechet
+from resgen_jax.utils import files
+from resgen_jax.utils import images as images_lib
+
+# Width of the penultimate layer, the features of the Frechet distance: the covariance of
+# F features needs well over F samples, and a few hundred held-out images are typical here.
+FEATURE_DIM = 64
+CONV_WIDTHS = (32, 64, 64)  # output channels of the three 3x3 convolutions
+CONV_STRIDES = (1, 2, 2)  # 16x16 inputs end at 4x4 before global average pooling
+
+# Training defaults: reach >= 95% held-out accuracy on digits in about ten seconds on two CPU
+# cores (about 17 epochs of its 1,500 training images).
+NUM_STEPS = 400
+BATCH_SIZE = 64
+LEARNING_RATE = 3e-3
+WEIGHT_DECAY = 1e-4
+PREDICT_BATCH_SIZE = 256
+
+FILE_FORMAT = "resgen_jax.evaluation.classifier"  # the meta of every file save_classifier writes
+FILE_VERSION = 1
+
+
+class Classifier(nn.Module):
+  """A small CNN for uint8 images ``[B, H, W, C]`` -> (logits ``[B, K]``, features ``[B, F]``).
+
+  Attributes:
+    num_classes: K, the number of classes.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images):
+    x = images_lib.to_float(images)
+    for i, (width, stride) in enumerate(zip(CONV_WIDTHS, CONV_STRIDES)):
+      x = nn.relu(nn.Conv(width, (3, 3), strides=stride, name=f"conv{i}")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    features = nn.relu(nn.Dense(FEATURE_DIM, name="features")(x))
+    return nn.Dense(self.num_classes, name="logits")(features), features
+
+
+def _check_images(images, name: str) -> np.ndarray:
+  """-> ``images`` as a numpy uint8 ``[N, H, W, C]`` array, or a ValueError naming them."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f"{name} must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+  return images
+
+
+def _check_labels(labels, num_classes: int, count: int, name: str) -> np.ndarray:
+  """-> ``labels`` as int32 ``[count]``, or a ValueError unless all lie in [0, num_classes)."""
+  labels = np.asarray(labels)
+  if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be integers [{count}], got {labels.dtype} {labels.shape}")
+  if count and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+  return labels.astype(np.int32)
+
+
+def _batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
+                   num_steps: int):
+  """Yields ``num_steps`` index arrays ``[batch_size]``: consecutive slices of shuffled epochs."""
+  order = np.zeros(0, np.int64)
+  for _ in range(num_steps):
+    while order.size < batch_size:
+      order = np.concatenate([order, rng.permutation(num_examples)])
+    yield order[:batch_size]
+    order = order[batch_size:]
+
+
+def _make_train_step(model: Classifier, optimizer: optax.GradientTransformation):
+  """-> jitted ``(params, opt_state, images, labels) -> (params, opt_state)``."""
+
+  def loss_fn(params, images, labels):
+    logits, _ = model.apply({"params": params}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def step(params, opt_state, images, labels):
+    grads = jax.grad(loss_fn)(params, images, labels)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
+                     num_steps: int = NUM_STEPS, batch_size: int = BATCH_SIZE,
+                     learning_rate: float = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY,
+                     seed: int = 0):
+  """Trains a :class:`Classifier` with AdamW (cosine-decayed rate) on cross entropy.
+
+  Args:
+    images: uint8 ``[N, H, W, C]``.
+    labels: int ``[N]`` in [0, num_classes).
+    num_classes: K.
+    num_steps, batch_size, learning_rate, weight_decay: the optimisation.
+    seed: seeds the initialisation and the (numpy) batch order; equal seeds give equal
+      parameters.
+  Returns:
+    The parameter tree (the ``params`` collection).
+  """
+  images = _check_images(images, "images")
+  labels = _check_labels(labels, num_classes, images.shape[0], "labels")
+  if images.shape[0] == 0:
+    raise ValueError("cannot train a classifier on 0 images")
+  model = Classifier(num_classes)
+  params = model.init(jax.random.PRNGKey(seed), images[:1])["params"]
+  optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps),
+                          weight_decay=weight_decay)
+  opt_state = optimizer.init(params)
+  step = _make_train_step(model, optimizer)
+  batches = _batch_indices(np.random.default_rng(seed), images.shape[0], batch_size, num_steps)
+  for indices in batches:
+    params, opt_state = step(params, opt_state, images[indices], labels[indices])
+  return params
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _forward(params, images, num_classes: int):
+  return Classifier(num_classes).apply({"params": params}, images)
+
+
+def predict(params, num_classes: int, images: np.ndarray,
+            batch_size: int = PREDICT_BATCH_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+  """uint8 ``[N, H, W, C]`` -> numpy (logits ``[N, K]``, features ``[N, FEATURE_DIM]``).
+
+  Runs in batches of ``min(batch_size, N)``, the last one zero-padded, so one compilation
+  serves every batch.
+  """
+  images = _check_images(images, "images")
+  count = images.shape[0]
+  size = max(1, min(batch_size, count))
+  logits = np.zeros((count, num_classes), np.float32)
+  features = np.zeros((count, FEATURE_DIM), np.float32)
+  for start in range(0, count, size):
+    batch = images[start:start + size]
+    padded = np.pad(batch, ((0, size - batch.shape[0]),) + ((0, 0),) * 3)
+    batch_logits, batch_features = _forward(params, padded, num_classes)
+    logits[start:start + size] = np.asarray(batch_logits)[:batch.shape[0]]
+    features[start:start + size] = np.asarray(batch_features)[:batch.shape[0]]
+  return logits, features
+
+
+def save_classifier(path: str, params, num_classes: int, image_shape: Sequence[int]) -> None:
+  """Writes the parameters and their metadata atomically to ``path`` (msgpack, no pickle)."""
+  meta = dict(format=FILE_FORMAT, version=FILE_VERSION, num_classes=int(num_classes),
+              image_shape=[int(d) for d in image_shape], feature_dim=FEATURE_DIM)
+  blob = serialization.to_bytes(
+      {"meta": json.dumps(meta, sort_keys=True), "params": jax.device_get(params)})
+  with files.atomic_write(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(blob)
+
+
+def _param_shapes(params) -> Dict[str, Tuple[int, ...]]:
+  return {"/".join(k): tuple(np.shape(v))
+          for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _check_params(path: str, params, meta: dict) -> None:
+  """Raises a ValueError unless ``params`` fit a :class:`Classifier` described by ``meta``."""
+  model = Classifier(meta["num_classes"])
+  dummy = jnp.zeros((1,) + tuple(meta["image_shape"]), jnp.uint8)
+  expected = _param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"])
+  found = _param_shapes(params)
+  if found != expected:
+    raise ValueError(f"{path}: parameter shapes {found} do not fit a Classifier with "
+                     f"num_classes={meta['num_classes']} on {meta['image_shape']} images, "
+                     f"which has {expected}")
+
+
+def load_classifier(path: str) -> Tuple[dict, dict]:
+  """Reads a file of :func:`save_classifier` -> (params, meta).
+
+  ``meta`` has ``num_classes``, ``image_shape`` (a tuple ``(H, W, C)``) and ``feature_dim``.
+  Raises FileNotFoundError for a missing file and ValueError for one that is not a
+  classifier file; both name ``path``.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no classifier file at {path}")
+  with open(path, "rb") as f:
+    blob = f.read()
+  try:
+    contents = serialization.msgpack_restore(blob)
+    meta, params = json.loads(contents["meta"]), contents["params"]
+    if meta["format"] != FILE_FORMAT or meta["version"] != FILE_VERSION:
+      raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
+                       f"{FILE_FORMAT!r} version {FILE_VERSION}")
+    meta["image_shape"] = tuple(meta["image_shape"])
+    _check_params(path, params, meta)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{path} is not a readable classifier file written by save_classifier "
+                     f"({type(e).__name__}: {e}); remove it to train a new one") from e
+  return params, meta
+
+
+def get_or_train_classifier(path: str, data_config: ml_collections.ConfigDict,
+                            num_classes: int, **train_kwargs):
+  """Loads the classifier at ``path``, or trains one on the training split and saves it there.
+
+  Args:
+    path: the classifier file.
+    data_config: the ``data`` config; its ``train_split`` is the training data, and a saved
+      classifier must be for ``image_size x image_size`` images.
+    num_classes: K; a saved classifier must have the same.
+    **train_kwargs: passed to :func:`train_classifier` (only when no file exists yet; a
+      saved classifier is reused whatever it was trained with).
+  Returns:
+    The parameter tree.
+  """
+  if os.path.exists(path):
+    params, meta = load_classifier(path)
+    size = data_config.image_size
+    if meta["num_classes"] != num_classes or meta["image_shape"][:2] != (size, size):
+      raise ValueError(
+          f"{path} holds a classifier for {meta['num_classes']} classes of "
+          f"{meta['image_shape']} images, but this run has {num_classes} classes of "
+          f"{size}x{size} images; remove the file to train a new one")
+    return params
+  images, labels = data_lib.load_all(data_config, data_config.train_split)
+  params = train_classifier(images, labels, num_classes, **train_kwargs)
+  save_classifier(path, params, num_classes, images.shape[1:])
+  return params
+
+
+def _agreement(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Fraction of rows of ``logits [N, K]`` whose argmax is the label ``[N]``."""
+  return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def _stats_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+  return frechet.frechet_distance(*frechet.gaussian_stats(features_a),
+                                  *frechet.gaussian_stats(features_b))
+
+
+class ClassifierEvaluator:
+  """Scores class-conditional images against a real held-out set with a trained classifier.
+
+  The Frechet distance grows as the sample shrinks (the covariance estimates get noisier),
+  so compare numbers computed from similar numbers of images.
+
+  Args:
+    params: the :class:`Classifier` parameters.
+    num_classes: K.
+    reference_images: real held-out uint8 ``[N, H, W, C]``; generated images are compared
+      with these and must have the same ``[H, W, C]``.
+    reference_labels: their int labels ``[N]``.
+    baseline_images: optional other real images ``[M, H, W, C]`` (e.g. the training split)
+      for :meth:`reference`'s real-vs-real Frechet distance; without them it compares the
+      even- and odd-indexed halves of the reference set.
+    batch_size: images per classifier call.
+  """
+
+  def __init__(self, params, num_classes: int, reference_images: np.ndarray,
+               reference_labels: np.ndarray, baseline_images: Optional[np.ndarray] = None,
+               batch_size: int = PREDICT_BATCH_SIZE):
+    self.params = params
+    self.num_classes = num_classes
+    self.batch_size = batch_size
+    reference_images = _check_images(reference_images, "reference_images")
+    channels = params["conv0"]["kernel"].shape[2]
+    if reference_images.shape[-1] != channels:
+      raise ValueError(f"reference_images have {reference_images.shape[-1]} channels, the "
+                       f"classifier was trained on {channels}")
+    self.image_shape = reference_images.shape[1:]
+    logits, self.reference_features = self._predict(reference_images, "reference_images")
+    self.reference_accuracy = _agreement(logits, _check_labels(
+        reference_labels, num_classes, reference_images.shape[0], "reference_labels"))
+    self.reference_stats = frechet.gaussian_stats(self.reference_features)
+    if baseline_images is None:
+      self.baseline_distance = _stats_distance(self.reference_features[0::2],
+                                               self.reference_features[1::2])
+    else:
+      _, baseline_features = self._predict(baseline_images, "baseline_images")
+      self.baseline_distance = frechet.frechet_distance(
+          *frechet.gaussian_stats(baseline_features), *self.reference_stats)
+
+  def _predict(self, images, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Checks ``images`` have the reference shape -> (logits ``[N, K]``, features ``[N, F]``)."""
+    images = _check_images(images, name)
+    if images.shape[1:] != self.image_shape:
+      raise ValueError(f"{name} have shape {images.shape[1:]} per image, the reference "
+                       f"images {self.image_shape}")
+    return predict(self.params, self.num_classes, images, self.batch_size)
+
+  def evaluate(self, images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+    """Generated uint8 ``[N, H, W, C]`` for requested classes ``[N]`` -> their scores.
+
+    Returns:
+      ``class_agreement``: fraction classified as the requested class;
+      ``frechet_distance``: to the reference set's features (needs N >= 2).
+    """
+    logits, features = self._predict(images, "images")
+    labels = _check_labels(labels, self.num_classes, logits.shape[0], "labels")
+    return dict(class_agreement=_agreement(logits, labels),
+                frechet_distance=frechet.frechet_distance(*frechet.gaussian_stats(features),
+                                                          *self.reference_stats))
+
+  def reference(self) -> Dict[str, float]:
+    """The same scores for real data, to print beside :meth:`evaluate`'s.
+
+    Returns:
+      ``class_agreement``: the classifier's accuracy on the reference set;
+      ``frechet_distance``: baseline images vs the reference set (or its two halves).
+    """
+    return dict(class_agreement=self.reference_accuracy,
+                frechet_distance=self.baseline_distance)
