@@ -33,7 +33,7 @@ def get_config():
   tok.train.eval_every = 400
   tok.train.checkpoint_every = 400
 
-  config.stages = ("tokenizer", "encode", "generator", "sample")
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
   gen = config.generator
   gen.model.width = 128
   gen.model.num_layers = 4

@@ -28,6 +28,7 @@ RESUMABLE_FIELDS = (
     "generator.train.keep_checkpoints",
     "generator.train.async_checkpoints",
     "sampler",
+    "evaluation",
     "data.data_dir",
     "data.path",
     "data.eval_path",
@@ -168,4 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer=tokenizer_config(),
       generator=generator_config(),
       sampler=sampler_config(),
+      evaluation=dict(
+          extractor="classifier",  # features for the Frechet distance: a classifier
+                                   # trained on the data set's own labels
+          classifier_steps=800,  # training steps of that classifier (once per workdir)
+      ),
   ))

@@ -2,8 +2,9 @@
 
     python -m resgen_jax.main --config=configs/digits.py --workdir=DIR [--mode=train]
 
-``--mode=train`` runs the stages the config lists (``config.stages``); ``--mode=encode``
-runs only the token-caching stage. Any config field can be overridden, e.g.
+``--mode=train`` runs the stages the config lists (``config.stages``); ``--mode=encode``,
+``--mode=sample`` and ``--mode=evaluate`` run just that stage with already trained models
+(e.g. ``--mode=sample --config.sampler.cfg_scale=2`` for another sample set). Any config field can be overridden, e.g.
 ``--config.tokenizer.quantizer.depth=16``. Rerunning a command resumes where it stopped.
 """
 
@@ -17,11 +18,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "encode"],
-                          "train: run config.stages; encode: only cache tokens.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "encode", "sample", "evaluate"],
+    "train: run config.stages; encode: only cache tokens; sample: draw samples with the "
+    "trained models (config.sampler); evaluate: score those samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODE_STAGES = {"train": None, "encode": ("encode",)}
+MODE_STAGES = {"train": None, "encode": ("encode",), "sample": ("sample",),
+               "evaluate": ("evaluate",)}
 
 
 def _hide_gpus_from_tensorflow():

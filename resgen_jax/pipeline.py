@@ -7,6 +7,8 @@ Stages:
   ``encode``: encodes the train and eval splits once into ``DIR/tokens/`` for the generator.
   ``generator``: trains ResGen on the cached tokens (``DIR/generator/``).
   ``sample``: draws class-conditional samples into ``DIR/samples/<tag>.npz`` + PNG grids.
+  ``evaluate``: class agreement and Frechet distance of those samples in the feature space
+      of a classifier trained on the data set's labels (``DIR/samples/<tag>_eval.json``).
 
 A stage whose results exist is not run again, and nothing it wrote is overwritten.
 """
@@ -28,6 +30,7 @@ from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax.codec import token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
+from resgen_jax.evaluation import classifier
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -40,6 +43,8 @@ RESULTS_FILE = "results.json"
 RECON_FILE = "reconstructions.png"
 RECON_EXAMPLES = 8  # columns of the reconstruction grid
 SAMPLES_DIR = "samples"
+EVALUATION_DIR = "evaluation"
+CLASSIFIER_FILE = "classifier.msgpack"
 GRID_COLUMNS = 8  # images per row of the sample grids
 
 
@@ -319,8 +324,49 @@ def run_sample(config, workdir: str, mesh) -> str:
   return path
 
 
+def run_evaluate(config, workdir: str, mesh) -> dict:
+  """Scores the sample set of ``config.sampler`` with a classifier trained by the project on
+  the data set's own labels (no download): the fraction of samples classified as their
+  requested class, and the Frechet distance in its feature space to the held-out split;
+  the same numbers for real held-out images are the reference. Writes
+  ``DIR/samples/<tag>_eval.json`` once (an existing one is kept)."""
+  del mesh
+  samples = samples_path(config, workdir)
+  out = os.path.splitext(samples)[0] + "_eval.json"
+  if not os.path.exists(samples):
+    raise FileNotFoundError(f"no samples at {samples}; run the 'sample' stage first")
+  if os.path.exists(out):
+    with open(out) as f:
+      return json.load(f)
+  if config.evaluation.extractor != "classifier":
+    raise ValueError(f"evaluation.extractor must be 'classifier', got "
+                     f"{config.evaluation.extractor!r}")
+  report = {}
+  if jax.process_index() == 0:  # host-side and local-device work only
+    classes = config.data.num_classes
+    params = classifier.get_or_train_classifier(
+        os.path.join(workdir, EVALUATION_DIR, CLASSIFIER_FILE), config.data, classes,
+        num_steps=config.evaluation.classifier_steps, seed=config.seed)
+    real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
+    train_images, _ = data_lib.load_all(config.data, config.data.train_split)
+    evaluator = classifier.ClassifierEvaluator(params, classes, real_images, real_labels,
+                                               baseline_images=train_images)
+    with np.load(samples, allow_pickle=False) as data:
+      generated = evaluator.evaluate(data["arr_0"], data["labels"])
+      count = int(data["labels"].shape[0])
+    report = {"samples": samples, "num_samples": count, "generated": generated,
+              "real_heldout": evaluator.reference()}
+    files.save_json(out, report)
+    logging.info("samples: class agreement %.3f, Frechet distance %.3f | real held-out: "
+                 "%.3f, %.3f", generated["class_agreement"], generated["frechet_distance"],
+                 report["real_heldout"]["class_agreement"],
+                 report["real_heldout"]["frechet_distance"])
+  return report
+
+
 STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode,
-                               "generator": run_generator, "sample": run_sample}
+                               "generator": run_generator, "sample": run_sample,
+                               "evaluate": run_evaluate}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:

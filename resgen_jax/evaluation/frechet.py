@@ -6,6 +6,7 @@ For ``N(mu1, s1)`` and ``N(mu2, s2)`` the distance is
 
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import numpy as np
@@ -36,12 +37,23 @@ def _check_shapes(mu1, sigma1, mu2, sigma2) -> None:
     raise ValueError(f"covariances must both be [F, F] with F = {mu1.shape[0]}; got {shapes}")
 
 
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+  """``scipy.linalg.sqrtm`` without its singular-matrix warning.
+
+  Features with zero variance (e.g. ReLU units that never fire) make every covariance
+  product singular; its square root is still accurate, and the caller checks the result.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    return scipy.linalg.sqrtm(matrix)
+
+
 def _sqrtm_product_trace(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
   """``tr(sqrtm(sigma1 sigma2))``, retrying with ``eps * I`` added when it is not finite."""
-  root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  root = _sqrtm(sigma1 @ sigma2)
   if not np.all(np.isfinite(root)):
     offset = eps * np.eye(sigma1.shape[0])
-    root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    root = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if not np.all(np.isfinite(root)):
     raise ValueError(f"sqrtm(sigma1 sigma2) is not finite even with {eps} * I added")
   diagonal = np.diagonal(root)
