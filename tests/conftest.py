@@ -35,6 +35,12 @@ def tiny_config(num_steps: int = 4):
   tok.train.log_every = 2
   tok.train.eval_every = 0
   tok.train.checkpoint_every = 2
+  gen = config.generator
+  gen.model.update(width=32, num_layers=2, num_heads=2, num_components=4, low_rank=4)
+  gen.train.update(batch_size=32, eval_batch_size=128, num_steps=num_steps, warmup_steps=1,
+                   log_every=2, eval_every=0, checkpoint_every=2, ema_decay=0.9)
+  config.sampler.update(steps=4, samples_per_class=2, batch_size=16)
+  config.evaluation.classifier_steps = 50
   return config
 
 

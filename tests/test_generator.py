@@ -224,3 +224,19 @@ def test_ema_warmup_decay():
   assert float(trainer.ema_warmup_decay(0.999, 0)) == pytest.approx(0.1)
   assert float(trainer.ema_warmup_decay(0.999, 90)) == pytest.approx(0.91)
   assert float(trainer.ema_warmup_decay(0.999, 10 ** 6)) == pytest.approx(0.999)
+
+
+def test_bfloat16_and_remat_options_train():
+  task, _ = tiny_task()
+  cfg = task.cfg
+  cfg.model.dtype = "bfloat16"
+  cfg.model.remat = True
+  task = GeneratorTask(cfg, np.asarray(task.codebooks), 6, 3, 4)
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # fp32 parameters
+  loss, grads, _, _ = jax.jit(task.loss_and_grads)(params, state, task.constants(), batch,
+                                                   jax.random.key(1), 0)
+  assert np.isfinite(float(loss))
+  assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all()
+             for g in jax.tree.leaves(grads))

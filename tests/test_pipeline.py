@@ -29,6 +29,9 @@ def trained_config():
   config.tokenizer.train.learning_rate = 3e-3
   config.tokenizer.train.checkpoint_every = 100
   config.tokenizer.train.log_every = 50
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
+  config.generator.train.num_steps = 20
+  config.generator.train.log_every = 10
   return config
 
 
@@ -49,7 +52,10 @@ def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
   assert psnr[-1] > psnr[0] + 0.5, psnr
   assert os.path.exists(os.path.join(trained, "tokenizer", pipeline.RECON_FILE))
   rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
-  assert [r["step"] for r in rows if "train/loss" in r] == [50, 100, 150]
+  assert [r["step"] for r in rows if "train/loss" in r and r["stage"] == "tokenizer"] == [
+      50, 100, 150]
+  assert [r["step"] for r in rows if "train/loss" in r and r["stage"] == "generator"] == [
+      10, 20]
   with open(os.path.join(trained, pipeline.CONFIG_FILE)) as f:
     assert json.load(f)["tokenizer"]["train"]["num_steps"] == TRAINED_STEPS
 
@@ -77,15 +83,56 @@ def test_cached_codes_are_the_tokenizers_codes(trained):
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(trained):
+  samples = pipeline.samples_path(trained_config(), trained)
   outputs = [os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE),
              os.path.join(trained, "tokenizer", pipeline.RECON_FILE),
-             token_cache.shard_path(trained, "train", 0, 1), token_cache.meta_path(trained)]
+             token_cache.shard_path(trained, "train", 0, 1), token_cache.meta_path(trained),
+             samples, os.path.splitext(samples)[0] + "_eval.json"]
   before = {p: os.stat(p).st_mtime_ns for p in outputs}
   checkpoints = sorted(os.listdir(os.path.join(trained, "tokenizer", trainer.CHECKPOINT_DIR)))
   pipeline.run(trained_config(), trained)
   assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
   assert sorted(os.listdir(os.path.join(trained, "tokenizer",
                                         trainer.CHECKPOINT_DIR))) == checkpoints
+
+
+def test_samples_are_written_in_the_evaluator_layout(trained):
+  config = trained_config()
+  path = pipeline.samples_path(config, trained)
+  assert os.path.basename(path) == "T4_cfg1_temp1_topp1_conf1_seed0.npz"
+  with np.load(path) as data:
+    images, labels, codes = data["arr_0"], data["labels"], data["codes"]
+  assert images.dtype == np.uint8 and images.shape == (20, 16, 16, 1)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+  assert codes.shape == (20, 4, 4, 3) and codes.min() >= 0 and codes.max() < 16
+  grids = sorted(os.listdir(os.path.splitext(path)[0]))
+  assert grids == [f"class_{c:04d}.png" for c in range(10)]
+  with open(os.path.splitext(path)[0] + "_eval.json") as f:
+    report = json.load(f)
+  assert report["num_samples"] == 20
+  for key in ("generated", "real_heldout"):
+    assert 0.0 <= report[key]["class_agreement"] <= 1.0
+    assert report[key]["frechet_distance"] >= 0.0
+
+
+def test_another_sampler_setting_makes_another_sample_set(trained):
+  config = trained_config()
+  config.sampler.cfg_scale = 2.0
+  config.sampler.cfg_ramp = "linear"
+  pipeline.run(config, trained, stages=("sample",))
+  path = pipeline.samples_path(config, trained)
+  assert os.path.basename(path) == "T4_cfg2_temp1_topp1_conf1_seed0.npz"
+  with np.load(path) as data:
+    assert data["arr_0"].shape == (20, 16, 16, 1)
+  # The sampler settings are not part of what was trained: the run config still matches.
+  pipeline.run(trained_config(), trained, stages=("sample",))
+
+
+def test_sampling_needs_trained_models(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint of the .tokenizer. stage"):
+    pipeline.run(tiny_config(), str(tmp_path), stages=("sample",))
+  with pytest.raises(FileNotFoundError, match="run the 'sample' stage first"):
+    pipeline.run(tiny_config(), str(tmp_path), stages=("evaluate",))
 
 
 def test_workdir_of_another_config_is_refused(trained):
