@@ -240,3 +240,22 @@ def test_bfloat16_and_remat_options_train():
   assert np.isfinite(float(loss))
   assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all()
              for g in jax.tree.leaves(grads))
+
+
+def test_paper_imagenet_generator_has_about_576m_parameters():
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "imagenet_config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                      "imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  depth = config.tokenizer.quantizer.depth
+  books = np.zeros((1, 16, config.tokenizer.model.latent_dim), np.float32)  # shapes only
+  task = GeneratorTask(config.generator, books, 64, depth, 1000)
+  batch = {"codes": jax.ShapeDtypeStruct((2, 8, 8, depth), jnp.int32),
+           "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+  params, _ = jax.eval_shape(lambda b: task.init(jax.random.key(0), b), batch)
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
+  assert 0.9 * 576e6 < count < 1.1 * 576e6, count
