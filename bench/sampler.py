@@ -1,6 +1,6 @@
 """Sampler cost: is it T network calls and nothing more, whatever the depth D?
 
-    python bench/sampler.py [--batch 256] [--steps 8] [--repeats 7] [--out bench/results]
+    python -m bench.sampler [--batch 256] [--steps 8] [--repeats 7] [--out bench/results]
 
 For the digits-size generator (configs/digits.py: width 128, 4 layers, 4x4 grid) with random
 weights and codebooks, it times (medians over repeats, compile excluded):
@@ -15,7 +15,6 @@ Runs unchanged on CPU, GPU or TPU; results go to ``<out>/sampler_<platform>.json
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resgen_jax import config_base
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
 
@@ -35,11 +35,7 @@ LATENT_DIM = 16
 
 
 def digits_config():
-  spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs",
-                                                                       "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -7,6 +7,9 @@ needs; any field can then be overridden on the command line, e.g.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Fields (or whole sections) that may differ between a run's saved config.json and the
@@ -175,3 +178,15 @@ def base_config() -> ml_collections.ConfigDict:
           classifier_steps=800,  # training steps of that classifier (once per workdir)
       ),
   ))
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file, as ``--config=path`` would load it (for notebooks,
+  benchmarks and tests)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

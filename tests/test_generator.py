@@ -2,6 +2,7 @@
 padding mask, target normalisation, and one real training step."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from scipy import stats
 
 from conftest import tiny_config
+from resgen_jax import config_base
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, mixture
 from resgen_jax.generator.task import GeneratorTask
@@ -243,14 +245,8 @@ def test_bfloat16_and_remat_options_train():
 
 
 def test_paper_imagenet_generator_has_about_576m_parameters():
-  import importlib.util
-  import os
-  spec = importlib.util.spec_from_file_location(
-      "imagenet_config", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                      "imagenet.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet.py"))
   depth = config.tokenizer.quantizer.depth
   books = np.zeros((1, 16, config.tokenizer.model.latent_dim), np.float32)  # shapes only
   task = GeneratorTask(config.generator, books, 64, depth, 1000)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax.codec import losses, rvq
 from resgen_jax.codec.tokenizer import Tokenizer, TokenizerTask, prefix_psnr
@@ -155,13 +156,8 @@ def test_resumed_tokenizer_run_equals_uninterrupted(tmp_path):
 
 def test_paper_imagenet_tokenizer_builds_an_8x8_grid():
   """The configs/imagenet.py tokenizer, built abstractly (no memory): 256x256 -> 8x8 x 256."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "imagenet_config", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                      "imagenet.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config().tokenizer
+  cfg = config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet.py")).tokenizer
   tok = Tokenizer(cfg, image_channels=3)
   images = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
   params = jax.eval_shape(lambda x: tok.autoencoder.init(jax.random.key(0), x), images)
