@@ -157,3 +157,9 @@ def test_step_rng_is_a_function_of_seed_and_step():
   assert not (jax.random.key_data(a) == jax.random.key_data(trainer.step_rng(key, 6))).all()
   other = trainer.stage_key(0, "tokenizer")
   assert not (jax.random.key_data(key) == jax.random.key_data(other)).all()
+
+
+def test_eval_every_zero_evaluates_once_at_the_end(tmp_path, mesh):
+  run(tmp_path, mesh, cfg=train_cfg(eval_every=0))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "eval/sq_err" in r] == [6]

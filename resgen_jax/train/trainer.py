@@ -305,13 +305,13 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
     logging.info("%s: resumed from step %d in %s", task.name, latest, stage_dir)
 
   start = int(state.step)
-  writer = writers.create_writer(workdir, stage_dir, task.name,
-                                 resume_step=start if latest is not None else 0)
   if start >= cfg.num_steps:
     logging.info("%s: already finished (step %d >= %d); nothing to train", task.name, start,
                  cfg.num_steps)
     manager.close()
     return TrainResult(state=state, finished=True, preempted=False)
+  writer = writers.create_writer(workdir, stage_dir, task.name,
+                                 resume_step=start if latest is not None else 0)
 
   train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay),
                        donate_argnums=(0,))
@@ -336,7 +336,7 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
         means["steps_per_sec"] = (done - interval_step) / max(now - interval_start, 1e-9)
         writer.write_scalars(done, {f"train/{k}": float(v) for k, v in means.items()})
         history, interval_start, interval_step = [], now, done
-      if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+      if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
         result = evaluate(eval_step, state, constants, eval_batches(), mesh)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
       preempted = watcher.should_stop(manager, done)
