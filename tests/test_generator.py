@@ -255,3 +255,20 @@ def test_paper_imagenet_generator_has_about_576m_parameters():
   params, _ = jax.eval_shape(lambda b: task.init(jax.random.key(0), b), batch)
   count = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert 0.9 * 576e6 < count < 1.1 * 576e6, count
+
+
+def test_padded_positions_never_enter_the_loss():
+  task, _ = tiny_task()
+  batch = token_batch()
+  valid = np.ones((8, 6), bool)
+  valid[:, 4:] = False
+  batch["valid_positions"] = jnp.asarray(valid)
+  params, state = task.init(jax.random.key(0), batch)
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                        params)
+  other = dict(batch, codes=batch["codes"].at[:, 4:].set(7))  # change only the padding
+  losses = [task.losses(params, state, task.constants(), b, jax.random.key(2), False)
+            for b in (batch, other)]
+  assert float(losses[0][0]) == pytest.approx(float(losses[1][0]), rel=1e-6)
+  for key in ("cls", "reg", "nll", "mask_ratio"):
+    assert float(losses[0][1][key]) == pytest.approx(float(losses[1][1][key]), rel=1e-6)
