@@ -197,9 +197,42 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_bad_sampler_config_values():
+  for top_p in (0.0, 1.5):
+    with pytest.raises(ValueError, match="top_p must be in"):
+      run(Recorder(4), 4, sampler_cfg(top_p=top_p))
   with pytest.raises(ValueError, match="steps must be >= 1"):
     run(Recorder(4), 4, sampler_cfg(steps=0))
   with pytest.raises(ValueError, match="unknown mask schedule"):
     run(Recorder(4), 4, sampler_cfg(schedule="exp"))
   with pytest.raises(ValueError, match="cfg_ramp"):
     run(Recorder(4), 4, sampler_cfg(cfg_scale=2.0, cfg_ramp="cosine"))
+
+
+def test_schedule_table_is_exact_at_and_near_integers():
+  cosine = masking.schedule("cosine")
+  table = sampler.schedule_table(cosine, 6, 20)
+  assert table[3, 20] == 10  # cos(pi/3) * 20 = 10 exactly; float32 gives 9.9999995
+  assert sampler.schedule_table(masking.schedule("linear"), 15, 15)[11, 15] == 3  # not 2
+  # Values just below an integer stay below it (6.99976 -> 6, 108.9995 -> 108).
+  assert sampler.schedule_table(cosine, 43, 64)[39, 64] == 6
+  assert sampler.schedule_table(cosine, 25, 256)[17, 256] == 108
+  table = sampler.schedule_table(cosine, 5, 30)
+  assert (table[-1] == 0).all()
+  counts = np.vstack([np.arange(31), table])  # hidden before step 1, then after each step
+  step = np.diff(counts, axis=0)
+  assert (step <= 0).all()
+  assert (step[counts[:-1] > 0] <= -1).all()  # every step reveals at least one while any hide
+
+
+def test_non_prefix_known_mask_under_jit_is_cut_to_its_prefix():
+  depth = 4
+  codes = jnp.full((B, L, depth), 5, jnp.int32)
+  known = np.zeros((B, L, depth), bool)
+  known[0, 0] = [True, False, True, True]
+  out = jax.jit(lambda c, k: sampler.sample(Recorder(depth), cube_codebooks(depth), c, k,
+                                            jax.random.key(0), sampler_cfg()))(
+                                                codes, jnp.asarray(known))
+  got = np.asarray(out.codes)
+  assert got[0, 0, 0] == 5 and (got >= 0).all()  # the prefix kept, the rest generated
+  assert np.asarray(out.reveal_step)[0, 0, 0] == sampler.KNOWN_STEP
+  assert (np.asarray(out.reveal_step)[0, 0, 1:] >= 1).all()

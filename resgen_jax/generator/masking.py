@@ -20,12 +20,13 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # gamma(r): the fraction of tokens hidden at progress r in [0, 1]; gamma(0) = 1, gamma(1) = 0.
-SCHEDULES: Dict[str, Callable[[Array], Array]] = {
-    "cosine": lambda r: jnp.cos(0.5 * math.pi * r),
-    "linear": lambda r: 1.0 - r,
-    "square": lambda r: 1.0 - r ** 2,
-    "cubic": lambda r: 1.0 - r ** 3,
-    "sqrt": lambda r: 1.0 - jnp.sqrt(r),
+# ``xp`` is jax.numpy in traced code, numpy where the sampler tabulates counts in float64.
+SCHEDULES: Dict[str, Callable[..., Array]] = {
+    "cosine": lambda r, xp=jnp: xp.cos(0.5 * math.pi * r),
+    "linear": lambda r, xp=jnp: 1.0 - r,
+    "square": lambda r, xp=jnp: 1.0 - r ** 2,
+    "cubic": lambda r, xp=jnp: 1.0 - r ** 3,
+    "sqrt": lambda r, xp=jnp: 1.0 - xp.sqrt(r),
 }
 
 

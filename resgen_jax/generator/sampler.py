@@ -34,9 +34,11 @@ from resgen_jax.generator import masking
 
 Array = jax.Array
 KNOWN_STEP = 0  # reveal_step of tokens known from the start (prompt, padding)
-# gamma(t/T) * H_0 is an integer at some steps (cos(pi/3) * 20 = 10) but lands just below
-# it in float32; counts are integers, so this much is added before flooring.
-COUNT_TOLERANCE = 1e-3
+# gamma(t/T) * h is often an exact integer in exact arithmetic (cos(pi/3) * 20 = 10,
+# (1 - 12/15) * 15 = 3) but lands just below it even in float64 (2.9999999999999996).
+# Float64 errors are ~1e-16, so this tolerance rounds only those up, never a genuine
+# value such as 6.99976.
+INTEGER_TOLERANCE = 1e-9
 CFG_RAMPS = ("constant", "linear")
 
 
@@ -94,13 +96,23 @@ def choose_means(rng: Array, logits: Array, means: Array, temperature: float, to
   return chosen
 
 
-def hidden_after_step(t: Array, steps: int, initial: Array, before: Array,
-                      gamma: Callable) -> Array:
-  """How many tokens stay hidden after step t (1-based), per example ``[B]``:
-  ``floor(gamma(t/T) * H_0)``, at least one fewer than before, 0 after the last step."""
-  scheduled = jnp.floor(gamma(t / steps) * initial + COUNT_TOLERANCE).astype(jnp.int32)
-  target = jnp.minimum(scheduled, before - 1)
-  return jnp.where(t >= steps, 0, jnp.maximum(target, 0))
+def schedule_table(gamma: Callable, steps: int, max_total: int) -> np.ndarray:
+  """How many tokens stay hidden after each step for every possible starting count.
+
+  ``table[t - 1, h] = floor(gamma(t / T) * h)``, computed in float64 on the host (see
+  INTEGER_TOLERANCE), at least one fewer than after the previous step, and 0 after step T.
+  -> int32 ``[T, max_total + 1]``.
+  """
+  totals = np.arange(max_total + 1)
+  table = np.zeros((steps, max_total + 1), np.int32)
+  before = totals
+  for t in range(1, steps + 1):
+    scheduled = np.floor(gamma(np.float64(t) / steps, np) * totals
+                         + INTEGER_TOLERANCE).astype(np.int64)
+    after = np.zeros_like(totals) if t == steps else np.maximum(
+        np.minimum(scheduled, before - 1), 0)
+    table[t - 1], before = after, after
+  return table
 
 
 def reveal(scores: Array, keep_hidden: Array) -> Array:
@@ -121,15 +133,16 @@ def reveal(scores: Array, keep_hidden: Array) -> Array:
   return (rank < (length * depth - keep_hidden)[:, None]).reshape(b, length, depth)
 
 
-def check_known_mask(known: Array) -> None:
-  """Known tokens must be a depth prefix at every position (what stays hidden is a top
-  run of depths); a concrete mask that is not raises a ValueError."""
-  if isinstance(known, jax.core.Tracer):
-    return
-  known = np.asarray(known)
-  if np.any(known[..., 1:] & ~known[..., :-1]):
-    raise ValueError("known tokens must be a prefix of depths at every position "
-                     "(a known token cannot follow a hidden one at the same position)")
+def known_prefix(known: Array) -> Array:
+  """Known tokens must be a depth prefix at every position (what stays hidden is a top run
+  of depths). A concrete mask that is not raises a ValueError; under tracing the mask is
+  cut to its prefix (tokens after the first unknown depth are generated)."""
+  if not isinstance(known, jax.core.Tracer):
+    concrete = np.asarray(known)
+    if np.any(concrete[..., 1:] & ~concrete[..., :-1]):
+      raise ValueError("known tokens must be a prefix of depths at every position "
+                       "(a known token cannot follow a hidden one at the same position)")
+  return jnp.cumprod(known.astype(jnp.int32), axis=-1).astype(bool)
 
 
 def sample(network_fn: Callable, codebooks: Array, codes: Array, known: Array, rng: Array,
@@ -150,11 +163,17 @@ def sample(network_fn: Callable, codebooks: Array, codes: Array, known: Array, r
   Returns:
     :class:`SampleOutput`.
   """
-  check_known_mask(known)
+  known = known_prefix(known)
   if cfg.steps < 1:
     raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
-  depth = codes.shape[-1]
-  gamma = masking.schedule(cfg.schedule)
+  if not 0.0 < cfg.top_p <= 1.0:
+    raise ValueError(f"sampler.top_p must be in (0, 1], got {cfg.top_p}")
+  if cfg.temperature < 0:
+    raise ValueError(f"sampler.temperature must be >= 0, got {cfg.temperature}")
+  guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
+  _, length, depth = codes.shape
+  table = jnp.asarray(schedule_table(masking.schedule(cfg.schedule), cfg.steps,
+                                     length * depth))
   guided = cfg.cfg_scale != 1.0
   hidden0 = jnp.sum(~known, axis=-1).astype(jnp.int32)
   initial_total = jnp.sum(hidden0, axis=-1)  # [B]
@@ -174,8 +193,7 @@ def sample(network_fn: Callable, codebooks: Array, codes: Array, known: Array, r
     tau = cfg.confidence_temperature * (1.0 - t / cfg.steps)
     noisy = candidates.log_probs + tau * jax.random.gumbel(gumbel_key, hidden_slots.shape)
     scores = jax.lax.cummin(jnp.where(hidden_slots, noisy, jnp.inf), axis=2)
-    before = jnp.sum(state.hidden, axis=-1)
-    visible = reveal(scores, hidden_after_step(t, cfg.steps, initial_total, before, gamma))
+    visible = reveal(scores, table[t - 1, initial_total])
     revealed = visible & hidden_slots
     new = LoopState(codes=jnp.where(revealed, candidates.codes, state.codes),
                     hidden=jnp.sum(~visible, axis=-1).astype(jnp.int32),
