@@ -15,8 +15,10 @@ A stage whose results exist is not run again, and nothing it wrote is overwritte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Callable, Dict, Iterable
@@ -44,7 +46,7 @@ RECON_FILE = "reconstructions.png"
 RECON_EXAMPLES = 8  # columns of the reconstruction grid
 SAMPLES_DIR = "samples"
 EVALUATION_DIR = "evaluation"
-CLASSIFIER_FILE = "classifier.msgpack"
+SETTINGS_HASH_CHARS = 8  # enough to tell sample settings apart, short enough to read
 GRID_COLUMNS = 8  # images per row of the sample grids
 
 
@@ -245,31 +247,42 @@ def load_generator(config, workdir: str, mesh):
   """``(task, state)`` of the trained generator."""
   task = make_generator_task(config, workdir)
   meta, _ = token_cache.load_meta(workdir)
+  # The smallest global batch the data axis and the processes both divide.
+  rows = math.lcm(mesh.shape[mesh_lib.DATA_AXIS], jax.process_count()) // jax.process_count()
   example = mesh_lib.global_batch(
-      {"codes": np.zeros((jax.process_count(), *meta["grid"], meta["depth"]), np.int32),
-       "label": np.zeros((jax.process_count(),), np.int32)}, mesh)
+      {"codes": np.zeros((rows, *meta["grid"], meta["depth"]), np.int32),
+       "label": np.zeros((rows,), np.int32)}, mesh)
   state = trainer.load_trained_state(task, config.generator.train, workdir, example, mesh,
                                      config.seed)
   return task, state
 
 
+def settings_hash(cfg: ml_collections.ConfigDict, exclude=()) -> str:
+  """A short stable hash of a config section's values."""
+  values = {k: v for k, v in cfg.to_dict().items() if k not in exclude}
+  return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:SETTINGS_HASH_CHARS]
+
+
 def sample_tag(scfg) -> str:
-  """The sample set's name: ``sampler.tag``, or its settings."""
+  """The sample set's name: ``sampler.tag``, or its main settings plus a hash of all of
+  them, so any change of a sampler setting makes a new set instead of reusing an old one."""
   return scfg.tag or (f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_"
-                      f"topp{scfg.top_p:g}_conf{scfg.confidence_temperature:g}_seed{scfg.seed}")
+                      f"topp{scfg.top_p:g}_conf{scfg.confidence_temperature:g}_seed{scfg.seed}_"
+                      f"{settings_hash(scfg, exclude=('tag',))}")
 
 
 def samples_path(config, workdir: str) -> str:
   return os.path.join(workdir, SAMPLES_DIR, sample_tag(config.sampler) + ".npz")
 
 
-def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask) -> Callable:
+def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask,
+                       mesh) -> Callable:
   """A jitted ``(gen_params, gen_state, ae_params, codebooks, labels [B], rng) ->
   (images float [B,H,W,C], codes [B,h,w,D], reveal_step [B,h,w,D])``."""
   h, w = tok_task.tok.grid_shape(config.data.image_size)
   depth = gen_task.depth
 
-  def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):
+  def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):  # labels batch-sharded
     batch = labels.shape[0]
     valid = jnp.ones((batch, h * w), bool)
     network = gen_task.network_fn(gen_params, gen_state, codebooks, labels, valid)
@@ -280,7 +293,8 @@ def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask)
     return (tok_task.tok.decode(ae_params, codebooks, codes), codes,
             out.reveal_step.reshape(batch, h, w, depth))
 
-  return jax.jit(draw)
+  # Outputs replicated, so every process can read the whole batch.
+  return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))
 
 
 def run_sample(config, workdir: str, mesh) -> str:
@@ -297,7 +311,8 @@ def run_sample(config, workdir: str, mesh) -> str:
                      f"{scfg.samples_per_class} and {scfg.batch_size}")
   tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
   gen_task, gen_state = load_generator(config, workdir, mesh)
-  draw = make_image_sampler(config, tok_task, gen_task)
+  mesh_lib.check_batch_size(scfg.batch_size, mesh)
+  draw = make_image_sampler(config, tok_task, gen_task, mesh)
   ae_params = tok_state.params["autoencoder"]
   codebooks = tok_state.model_state["codebook"].codebooks
   labels = np.repeat(np.arange(config.data.num_classes), scfg.samples_per_class)
@@ -306,8 +321,9 @@ def run_sample(config, workdir: str, mesh) -> str:
   for index, first in enumerate(range(0, len(labels), scfg.batch_size)):
     chunk = labels[first:first + scfg.batch_size]
     padded = np.pad(chunk, (0, scfg.batch_size - len(chunk)))  # one compiled shape
+    local = np.split(padded.astype(np.int32), jax.process_count())[jax.process_index()]
     out = draw(gen_state.eval_params(), gen_state.model_state, ae_params, codebooks,
-               jnp.asarray(padded, jnp.int32),
+               mesh_lib.global_batch({"label": local}, mesh)["label"],
                jax.random.fold_in(jax.random.key(scfg.seed), index))
     images.append(image_utils.to_uint8(out[0])[:len(chunk)])
     codes.append(np.asarray(out[1])[:len(chunk)])
@@ -335,17 +351,24 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   out = os.path.splitext(samples)[0] + "_eval.json"
   if not os.path.exists(samples):
     raise FileNotFoundError(f"no samples at {samples}; run the 'sample' stage first")
+  settings = config.evaluation.to_dict()
   if os.path.exists(out):
     with open(out) as f:
-      return json.load(f)
+      report = json.load(f)
+    if report.get("evaluation") != settings:
+      raise ValueError(
+          f"{out} was computed with evaluation settings {report.get('evaluation')}, not "
+          f"{settings}; it is kept as it is: move it away to evaluate again")
+    return report
   if config.evaluation.extractor != "classifier":
     raise ValueError(f"evaluation.extractor must be 'classifier', got "
                      f"{config.evaluation.extractor!r}")
   report = {}
   if jax.process_index() == 0:  # host-side and local-device work only
     classes = config.data.num_classes
+    classifier_file = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
     params = classifier.get_or_train_classifier(
-        os.path.join(workdir, EVALUATION_DIR, CLASSIFIER_FILE), config.data, classes,
+        os.path.join(workdir, EVALUATION_DIR, classifier_file), config.data, classes,
         num_steps=config.evaluation.classifier_steps, seed=config.seed)
     real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
     train_images, _ = data_lib.load_all(config.data, config.data.train_split)
@@ -355,7 +378,7 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
       generated = evaluator.evaluate(data["arr_0"], data["labels"])
       count = int(data["labels"].shape[0])
     report = {"samples": samples, "num_samples": count, "generated": generated,
-              "real_heldout": evaluator.reference()}
+              "real_heldout": evaluator.reference(), "evaluation": settings}
     files.save_json(out, report)
     logging.info("samples: class agreement %.3f, Frechet distance %.3f | real held-out: "
                  "%.3f, %.3f", generated["class_agreement"], generated["frechet_distance"],

@@ -99,7 +99,7 @@ def test_rerun_of_a_finished_run_rewrites_nothing(trained):
 def test_samples_are_written_in_the_evaluator_layout(trained):
   config = trained_config()
   path = pipeline.samples_path(config, trained)
-  assert os.path.basename(path) == "T4_cfg1_temp1_topp1_conf1_seed0.npz"
+  assert os.path.basename(path).startswith("T4_cfg1_temp1_topp1_conf1_seed0_")
   with np.load(path) as data:
     images, labels, codes = data["arr_0"], data["labels"], data["codes"]
   assert images.dtype == np.uint8 and images.shape == (20, 16, 16, 1)
@@ -121,11 +121,23 @@ def test_another_sampler_setting_makes_another_sample_set(trained):
   config.sampler.cfg_ramp = "linear"
   pipeline.run(config, trained, stages=("sample",))
   path = pipeline.samples_path(config, trained)
-  assert os.path.basename(path) == "T4_cfg2_temp1_topp1_conf1_seed0.npz"
+  assert os.path.basename(path).startswith("T4_cfg2_temp1_topp1_conf1_seed0_")
   with np.load(path) as data:
     assert data["arr_0"].shape == (20, 16, 16, 1)
+  # Any sampler setting, even one outside the readable part of the tag, makes a new set.
+  other = trained_config()
+  other.sampler.schedule = "linear"
+  assert pipeline.samples_path(other, trained) != pipeline.samples_path(trained_config(),
+                                                                        trained)
   # The sampler settings are not part of what was trained: the run config still matches.
   pipeline.run(trained_config(), trained, stages=("sample",))
+
+
+def test_evaluation_with_other_settings_does_not_reuse_the_report(trained):
+  config = trained_config()
+  config.evaluation.classifier_steps = 60
+  with pytest.raises(ValueError, match="computed with evaluation settings"):
+    pipeline.run(config, trained, stages=("evaluate",))
 
 
 def test_sampling_needs_trained_models(tmp_path):
