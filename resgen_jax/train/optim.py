@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
@@ -17,11 +18,18 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=cfg.num_steps, end_value=cfg.learning_rate * cfg.lr_min_ratio)
 
 
+def decay_mask(params):
+  """Weight decay applies to matrices (kernels, embeddings) only: not to biases, norms,
+  per-channel scales and shifts, or scalars such as a learned log-sigma, which decay would
+  pull towards zero for no reason."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping (if ``grad_clip > 0``) followed by AdamW."""
   if cfg.learning_rate <= 0:
     raise ValueError(f"train.learning_rate must be positive, got {cfg.learning_rate}")
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   chain.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
-                           weight_decay=cfg.weight_decay))
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*chain)
