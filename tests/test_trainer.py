@@ -7,11 +7,12 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from resgen_jax import config_base
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import trainer
+from resgen_jax.train import optim, trainer
 from resgen_jax.train.task import Task
 
 DIM = 3
@@ -145,9 +146,26 @@ def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, mesh
     def init(self, rng, batch):
       return {"w": jnp.zeros((DIM + 1,))}, {"seen": jnp.zeros(())}
 
-  with pytest.raises(ValueError, match="does not match the model this config builds"):
+  with pytest.raises(ValueError, match="does not match the model this config builds") as e:
     trainer.train_and_evaluate(WiderTask(), train_cfg(), str(tmp_path), ToyIterator(),
                                eval_batches, mesh, seed=0)
+  # The message names the first array that differs, with both shapes.
+  assert f"/w' is ({DIM},) float32 in the checkpoint but ({DIM + 1},) float32" in str(e.value)
+  run(tmp_path, mesh, cfg=train_cfg(num_steps=4))  # the rejected restore left it intact
+
+
+def test_checkpoint_mismatch_names_missing_extra_and_reshaped_arrays():
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  want = {"a": spec(2, 3), "b": {"c": spec(4)}}
+  assert trainer.checkpoint_mismatch({"a": spec(2, 3), "b": {"c": spec(4)}}, want) is None
+  assert "lacks: ['b/c']" in trainer.checkpoint_mismatch({"a": spec(2, 3)}, want)
+  extra = trainer.checkpoint_mismatch({"a": spec(2, 3), "b": {"c": spec(4)}, "d": spec(1)},
+                                      want)
+  assert "does not build: ['d']" in extra
+  assert "'a' is (3, 2) float32 in the checkpoint but (2, 3)" in trainer.checkpoint_mismatch(
+      {"a": spec(3, 2), "b": {"c": spec(4)}}, want)
+  halves = {"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), "b": {"c": spec(4)}}
+  assert "bfloat16 in the checkpoint" in trainer.checkpoint_mismatch(halves, want)
 
 
 def test_step_rng_is_a_function_of_seed_and_step():
@@ -163,3 +181,16 @@ def test_eval_every_zero_evaluates_once_at_the_end(tmp_path, mesh):
   run(tmp_path, mesh, cfg=train_cfg(eval_every=0))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if "eval/sq_err" in r] == [6]
+
+
+def test_weight_decay_spares_vectors_and_scalars():
+  cfg = train_cfg(weight_decay=0.5, grad_clip=0.0, learning_rate=0.1, warmup_steps=1)
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "log_sigma": jnp.ones(())}
+  opt = optim.make_optimizer(cfg)
+  state = opt.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(2):  # step 0 has learning rate 0 (warmup)
+    updates, state = opt.update(zero, state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(params["kernel"][0, 0]) < 1.0  # decayed
+  assert float(params["bias"][0]) == 1.0 and float(params["log_sigma"]) == 1.0

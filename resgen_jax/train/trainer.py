@@ -115,15 +115,17 @@ def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   """
   stage_dir = os.path.join(workdir, task.name)
   manager = checkpoint_manager(stage_dir, cfg)
-  latest = manager.latest_step()
-  if latest is None:
-    raise FileNotFoundError(
-        f"no checkpoint of the '{task.name}' stage in {manager.directory}; train it first")
-  init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
-  abstract = abstract_train_state(task, optim.make_optimizer(cfg), init_key, batch,
-                                  cfg.ema_decay > 0, mesh_lib.replicated(mesh))
-  state, _ = restore_state(manager, latest, abstract)
-  manager.close()
+  try:
+    latest = manager.latest_step()
+    if latest is None:
+      raise FileNotFoundError(
+          f"no checkpoint of the '{task.name}' stage in {manager.directory}; train it first")
+    init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
+    abstract = abstract_train_state(task, optim.make_optimizer(cfg), init_key, batch,
+                                    cfg.ema_decay > 0, mesh_lib.replicated(mesh))
+    state, _ = restore_state(manager, latest, abstract)
+  finally:
+    manager.close()
   return state
 
 
@@ -216,26 +218,57 @@ class PreemptionWatcher:
 
 
 def checkpoint_manager(stage_dir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The stage's manager. The item handlers are named so that a checkpoint's metadata can
+  be read (to check it against the config) before anything is restored. Close it."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints,
       create=True)
-  return ocp.CheckpointManager(os.path.join(stage_dir, CHECKPOINT_DIR), options=options)
+  return ocp.CheckpointManager(
+      os.path.join(stage_dir, CHECKPOINT_DIR), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
+
+
+def _leaf_specs(tree: PyTree) -> dict:
+  """``{"params/encoder/kernel": (shape, dtype)}`` for every array leaf of ``tree``."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in leaves}
+
+
+def checkpoint_mismatch(saved: PyTree, abstract_state: TrainState) -> Optional[str]:
+  """How a checkpoint's array metadata differs from the state the config builds, or None.
+
+  Args:
+    saved: the checkpoint's tree of array metadata (anything with ``shape`` and ``dtype``).
+    abstract_state: the state the current config builds (``ShapeDtypeStruct`` leaves).
+  """
+  have, want = _leaf_specs(saved), _leaf_specs(abstract_state)
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  if missing or extra:
+    return (f"arrays this config builds but the checkpoint lacks: {missing[:5]}; arrays "
+            f"the checkpoint has but this config does not build: {extra[:5]}")
+  for name in sorted(want):
+    if have[name] != want[name]:
+      return (f"'{name}' is {have[name][0]} {have[name][1]} in the checkpoint but "
+              f"{want[name][0]} {want[name][1]} in this config")
+  return None
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState):
   """Restores ``(state, data_state)`` at ``step`` onto the shardings of ``abstract_state``.
 
-  Raises a ValueError naming the checkpoint when its shapes or structure differ from what
-  the current config builds (a checkpoint from another config).
+  The checkpoint's metadata is compared with ``abstract_state`` first: a checkpoint from
+  another config (other shapes, dtypes or structure) is a ValueError naming the checkpoint
+  and the first difference, and nothing is read.
   """
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                            data=ocp.args.JsonRestore())
-  try:
-    restored = manager.restore(step, args=args)
-  except (ValueError, KeyError, TypeError) as e:
+  mismatch = checkpoint_mismatch(manager.item_metadata(step)["state"].tree, abstract_state)
+  if mismatch:
     raise ValueError(
         f"the checkpoint {manager.directory}/{step} does not match the model this config "
-        f"builds (was it written by another config?): {e}") from e
+        f"builds (was it written by another config?): {mismatch}")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
 
 
@@ -281,6 +314,21 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   """
   stage_dir = os.path.join(workdir, task.name)
   os.makedirs(stage_dir, exist_ok=True)
+  manager = checkpoint_manager(stage_dir, cfg)
+  try:
+    return _train_with_manager(task, cfg, workdir, stage_dir, manager, train_iter,
+                               eval_batches, mesh, seed)
+  finally:  # on every path, errors included: pending saves land and orbax's threads stop
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
+                        stage_dir: str, manager: ocp.CheckpointManager,
+                        train_iter: Iterator[dict],
+                        eval_batches: Callable[[], Iterable[dict]], mesh,
+                        seed: int) -> TrainResult:
+  """The body of :func:`train_and_evaluate`; the caller owns (and closes) ``manager``."""
   optimizer = optim.make_optimizer(cfg)
   lr_fn = optim.learning_rate_schedule(cfg)
   ema = cfg.ema_decay > 0
@@ -288,7 +336,6 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   init_key, data_init_key, step_key = jax.random.split(stage_key(seed, task.name), 3)
   state_sharding = mesh_lib.replicated(mesh)
 
-  manager = checkpoint_manager(stage_dir, cfg)
   latest = manager.latest_step()
   position = train_iter.get_state()
   example = mesh_lib.global_batch(next(train_iter), mesh)  # the first batch, for shapes
@@ -308,7 +355,6 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   if start >= cfg.num_steps:
     logging.info("%s: already finished (step %d >= %d); nothing to train", task.name, start,
                  cfg.num_steps)
-    manager.close()
     return TrainResult(state=state, finished=True, preempted=False)
   writer = writers.create_writer(workdir, stage_dir, task.name,
                                  resume_step=start if latest is not None else 0)
@@ -347,8 +393,6 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
         break
   finally:
     watcher.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    writer.close()  # flushes, and releases the TensorBoard event file
   return TrainResult(state=state, finished=not preempted, preempted=preempted)
 
