@@ -18,6 +18,7 @@ import ml_collections
 # schedule, so a run resumed with another value would not be the run it claims to be.)
 RESUMABLE_FIELDS = (
     "stages",
+    "mesh",  # a checkpoint restores onto any mesh and layout
     "tokenizer.train.log_every",
     "tokenizer.train.eval_every",
     "tokenizer.train.eval_examples",
@@ -153,8 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,  # root seed; each stage folds its name in
       stages=("tokenizer", "encode"),  # what --mode=train runs, in order
       mesh=dict(
-          axes=("data",),  # mesh axis names
+          axes=("data",),  # mesh axis names among data | fsdp | tensor (see train/mesh.py)
           shape=(-1,),  # sizes; -1 = all remaining devices
+          # ((path regex, (mesh axis or None per dimension)), ...): how state leaves are
+          # split; the first match wins; unmatched leaves go over fsdp (largest dimension).
+          rules=(),
+          fsdp_min_size=2 ** 14,  # leaves smaller than this stay replicated under fsdp
       ),
       data=dict(
           name="digits",  # digits | npz | folder | mnist | cifar10 | imagenet2012

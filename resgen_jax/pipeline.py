@@ -135,7 +135,7 @@ def run_tokenizer(config, workdir: str, mesh) -> None:
                                             jax.process_index(), jax.process_count())
   periodic_eval = eval_pass(config, config.data.eval_split, tcfg.eval_examples or None)
   result = trainer.train_and_evaluate(task, tcfg, workdir, train_iter, periodic_eval, mesh,
-                                      config.seed)
+                                      config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   if result.preempted:
     raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
   write_tokenizer_report(task, result.state, config, workdir, full_eval, example, mesh)
@@ -180,7 +180,7 @@ def load_tokenizer(config, workdir: str, mesh):
   example = example_batch(passes[config.data.eval_split], mesh)
   task = make_tokenizer_task(config, example["image"].shape[-1])
   state = trainer.load_trained_state(task, config.tokenizer.train, workdir, example, mesh,
-                                     config.seed)
+                                     config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   return task, state, passes
 
 
@@ -238,7 +238,7 @@ def run_generator(config, workdir: str, mesh) -> None:
       task, gcfg, workdir, train_iter,
       lambda: token_cache.sequential_token_batches(eval_source, gcfg.eval_batch_size, pid,
                                                    count, gcfg.eval_examples or None),
-      mesh, config.seed)
+      mesh, config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   if result.preempted:
     raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
 
@@ -247,13 +247,13 @@ def load_generator(config, workdir: str, mesh):
   """``(task, state)`` of the trained generator."""
   task = make_generator_task(config, workdir)
   meta, _ = token_cache.load_meta(workdir)
-  # The smallest global batch the data axis and the processes both divide.
-  rows = math.lcm(mesh.shape[mesh_lib.DATA_AXIS], jax.process_count()) // jax.process_count()
+  # The smallest global batch the batch shards and the processes both divide.
+  rows = math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
   example = mesh_lib.global_batch(
       {"codes": np.zeros((rows, *meta["grid"], meta["depth"]), np.int32),
        "label": np.zeros((rows,), np.int32)}, mesh)
   state = trainer.load_trained_state(task, config.generator.train, workdir, example, mesh,
-                                     config.seed)
+                                     config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   return task, state
 
 

@@ -1,9 +1,17 @@
-"""Shared fixtures: a tiny digits config that trains in seconds on a CPU."""
+"""Shared set-up: 8 CPU devices, a compilation cache, and a tiny digits config that trains
+in seconds on a CPU."""
 
 import os
 import tempfile
 
-import jax
+# Every test runs on 8 host CPU devices, so the default mesh is 8-way data parallel and
+# test_sharding.py can build FSDP and tensor-parallel meshes. XLA reads the flag when jax
+# starts, so it is set before jax is imported; a run that sets its own device count keeps it.
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+if DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_FLAG}=8".strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 from resgen_jax import config_base

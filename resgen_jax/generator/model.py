@@ -22,6 +22,19 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# Megatron-style tensor parallelism for the blocks (config.mesh.rules, train/mesh.py): heads
+# and the MLP's hidden units are split over ``tensor``, the model width over ``fsdp``, so
+# each block needs one reduction over ``tensor`` after attention and one after the MLP.
+# Optimizer moments end in the same paths and get the same layout.
+TENSOR_PARALLEL_RULES = (
+    (r"attn/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # [width, heads, head]
+    (r"attn/(query|key|value)/bias$", ("tensor", None)),  # [heads, head]
+    (r"attn/out/kernel$", ("tensor", None, "fsdp")),  # [heads, head, width]
+    (r"mlp_in/kernel$", ("fsdp", "tensor")),  # [width, mlp]
+    (r"mlp_in/bias$", ("tensor",)),  # [mlp]
+    (r"mlp_out/kernel$", ("tensor", "fsdp")),  # [mlp, width]
+)
+
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1.0 + scale) + shift

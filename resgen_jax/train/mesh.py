@@ -2,21 +2,42 @@
 
 The mesh shape is a config field: ``config.mesh.axes`` names the axes and
 ``config.mesh.shape`` gives their sizes, with at most one ``-1`` meaning "all remaining
-devices". The default is one ``data`` axis over every device (pure data parallelism).
-Parameters are replicated; batches are sharded along their leading axis over the ``data``
-axis. Batches are assembled as global arrays from each process's local shard.
+devices". Three axis names mean something:
+
+- ``data``: batches are split over it, parameters replicated (data parallelism);
+- ``fsdp``: batches are split over it too, and so are the parameters and optimizer state
+  (fully sharded data parallelism; XLA gathers each parameter where it is used);
+- ``tensor`` (optional): parameter dimensions that ``config.mesh.rules`` map to it are
+  split over it (tensor parallelism); batches are replicated over it.
+
+The default is one ``data`` axis over every device. Which array dimension goes to which
+mesh axis is decided per leaf of the training state by ``mesh.rules``: ``(regex, spec)``
+pairs matched against the leaf's path (``params/block_0/attn/query/kernel``; optimizer
+moments end in the same path), first match wins, ``spec`` naming a mesh axis or None for
+each dimension. Leaves no rule matches are split over ``fsdp`` along their largest
+dimension it divides, if they hold at least ``mesh.fsdp_min_size`` elements. An axis that is
+absent from the mesh, of size 1, or does not divide the dimension is dropped from a spec, so
+one set of rules serves every mesh. Activations follow by GSPMD propagation from the
+batch (split over ``data`` x ``fsdp``) and the parameters. Batches are assembled as global
+arrays from each process's local shard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+import re
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+KNOWN_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # FSDP is data parallelism with the state sharded
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
@@ -35,34 +56,49 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple:
   return tuple(shape)
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
-  """A mesh over all devices with automatic (GSPMD-propagated) axis types."""
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
+  """A mesh over ``devices`` (default: all) with automatic (GSPMD-propagated) axis types."""
   axes = tuple(axes)
   if len(axes) != len(shape):
     raise ValueError(f"mesh.axes {axes} and mesh.shape {tuple(shape)} differ in length")
   if DATA_AXIS not in axes:
     raise ValueError(f"mesh.axes {axes} must contain the '{DATA_AXIS}' axis")
-  shape = resolve_mesh_shape(shape, jax.device_count())
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+  unknown = [a for a in axes if a not in KNOWN_AXES]
+  if unknown or len(set(axes)) != len(axes):
+    raise ValueError(f"mesh.axes {axes} must be distinct names among {KNOWN_AXES}")
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_axes(mesh: Mesh) -> tuple:
+  """The mesh axes a batch's leading dimension is split over."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces a global batch is split into."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data axis, the rest replicated."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over the data and fsdp axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-  data = mesh.shape[DATA_AXIS]
+  shards = batch_shards(mesh)
   if global_batch_size <= 0:
     raise ValueError(f"global batch size must be positive, got {global_batch_size}")
-  if global_batch_size % data or global_batch_size % jax.process_count():
+  if global_batch_size % shards or global_batch_size % jax.process_count():
     raise ValueError(
-        f"global batch size {global_batch_size} must be divisible by the data axis size "
-        f"{data} and the process count {jax.process_count()}")
+        f"global batch size {global_batch_size} must be divisible by the number of batch "
+        f"shards {shards} (mesh axes {batch_axes(mesh)}) and the process count "
+        f"{jax.process_count()}")
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -70,3 +106,62 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def _usable(axis: Optional[str], dim: int, mesh: Mesh) -> Optional[str]:
+  """``axis`` if it is in the mesh, larger than 1, and divides ``dim``; else None."""
+  if axis is None or axis not in mesh.axis_names:
+    return None
+  size = mesh.shape[axis]
+  return axis if size > 1 and dim % size == 0 else None
+
+
+def leaf_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence,
+              fsdp_min_size: int) -> P:
+  """The PartitionSpec of one state leaf (see the module docstring for the rules)."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      spec = tuple(spec)
+      if len(spec) != len(shape):
+        raise ValueError(f"mesh.rules entry {pattern!r} gives {len(spec)} axes {spec} for "
+                         f"'{path}', which has shape {tuple(shape)}")
+      return P(*(_usable(axis, dim, mesh) for axis, dim in zip(spec, shape)))
+  if math.prod(shape) < fsdp_min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):  # largest first
+    if _usable(FSDP_AXIS, shape[dim], mesh):
+      return P(*(FSDP_AXIS if d == dim else None for d in range(len(shape))))
+  return P()
+
+
+def tree_paths(tree: Any) -> list:
+  """``"a/b/c"`` for every leaf of ``tree``, in leaf order."""
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """How training state is laid out on a mesh: ``config.mesh.rules`` and
+  ``config.mesh.fsdp_min_size`` (see the module docstring)."""
+  rules: tuple = ()
+  fsdp_min_size: int = 0
+
+  def __post_init__(self):
+    for pattern, _ in self.rules:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"mesh.rules pattern {pattern!r} is not a regular expression: {e}")
+
+  @classmethod
+  def from_config(cls, mesh_cfg) -> "ShardingRules":
+    return cls(rules=tuple((p, tuple(spec)) for p, spec in mesh_cfg.rules),
+               fsdp_min_size=int(mesh_cfg.fsdp_min_size))
+
+  def shardings(self, abstract_state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of ``abstract_state`` (anything with ``.shape``)."""
+    leaves, treedef = jax.tree.flatten(abstract_state)
+    specs = [leaf_spec(path, leaf.shape, mesh, self.rules, self.fsdp_min_size)
+             for path, leaf in zip(tree_paths(abstract_state), leaves)]
+    return jax.tree.unflatten(treedef, [NamedSharding(mesh, spec) for spec in specs])

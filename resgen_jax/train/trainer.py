@@ -83,9 +83,8 @@ def step_rng(seed_key: jax.Array, step) -> jax.Array:
   return jax.random.fold_in(seed_key, step)
 
 
-def create_train_state(task: Task, optimizer: optax.GradientTransformation, rng: jax.Array,
-                       batch: dict, ema: bool, sharding) -> TrainState:
-  """Initialises the state directly with ``sharding`` (no full copy on one device first)."""
+def _init_state_fn(task: Task, optimizer: optax.GradientTransformation, ema: bool) -> Callable:
+  """``(rng, batch) -> TrainState`` at step 0."""
 
   def init(rng, batch):
     params, model_state = task.init(rng, batch)
@@ -94,21 +93,32 @@ def create_train_state(task: Task, optimizer: optax.GradientTransformation, rng:
                       ema_params=jax.tree.map(jnp.copy, params) if ema else {},
                       nonfinite_step=jnp.full((), NO_NONFINITE_STEP, jnp.int32))
 
-  return jax.jit(init, out_shardings=sharding)(rng, batch)
+  return init
 
 
-def abstract_train_state(task: Task, optimizer: optax.GradientTransformation,
-                         rng: jax.Array, batch: dict, ema: bool, sharding) -> TrainState:
-  """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-  abstract = jax.eval_shape(
-      lambda: create_train_state(task, optimizer, rng, batch, ema, sharding))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract)
+def state_layout(task: Task, optimizer: optax.GradientTransformation, rng: jax.Array,
+                 batch: dict, ema: bool, mesh, rules: mesh_lib.ShardingRules):
+  """``(abstract_state, shardings)``: shapes, dtypes and shardings of the state without
+  allocating it (for creating it in place and for restoring onto any mesh)."""
+  shapes = jax.eval_shape(_init_state_fn(task, optimizer, ema), rng, batch)
+  shardings = rules.shardings(shapes, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def create_train_state(task: Task, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       batch: dict, ema: bool, shardings) -> TrainState:
+  """Initialises the state directly with ``shardings`` (a tree, or one sharding for every
+  leaf): each device computes only its shards, with no full copy on one device first."""
+  return jax.jit(_init_state_fn(task, optimizer, ema), out_shardings=shardings)(rng, batch)
 
 
 def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
-                       batch: dict, mesh, seed: int) -> TrainState:
-  """The latest checkpoint of a trained stage, for evaluation, encoding or sampling.
+                       batch: dict, mesh, seed: int,
+                       rules: mesh_lib.ShardingRules = mesh_lib.ShardingRules()) -> TrainState:
+  """The latest checkpoint of a trained stage, for evaluation, encoding or sampling, laid
+  out on ``mesh`` by ``rules`` whatever mesh it was saved from.
 
   Args:
     batch: an example global batch (for shapes).
@@ -121,8 +131,8 @@ def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
       raise FileNotFoundError(
           f"no checkpoint of the '{task.name}' stage in {manager.directory}; train it first")
     init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
-    abstract = abstract_train_state(task, optim.make_optimizer(cfg), init_key, batch,
-                                    cfg.ema_decay > 0, mesh_lib.replicated(mesh))
+    abstract, _ = state_layout(task, optim.make_optimizer(cfg), init_key, batch,
+                               cfg.ema_decay > 0, mesh, rules)
     state, _ = restore_state(manager, latest, abstract)
   finally:
     manager.close()
@@ -231,9 +241,8 @@ def checkpoint_manager(stage_dir: str, cfg: ml_collections.ConfigDict) -> ocp.Ch
 
 def _leaf_specs(tree: PyTree) -> dict:
   """``{"params/encoder/kernel": (shape, dtype)}`` for every array leaf of ``tree``."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path, simple=True, separator="/"):
-          (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in leaves}
+  return {path: (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in zip(mesh_lib.tree_paths(tree), jax.tree.leaves(tree))}
 
 
 def checkpoint_mismatch(saved: PyTree, abstract_state: TrainState) -> Optional[str]:
@@ -296,7 +305,8 @@ def _mean_metrics(history: list) -> dict:
 
 def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
                        train_iter: Iterator[dict], eval_batches: Callable[[], Iterable[dict]],
-                       mesh, seed: int) -> TrainResult:
+                       mesh, seed: int,
+                       rules: mesh_lib.ShardingRules = mesh_lib.ShardingRules()) -> TrainResult:
   """Trains ``task`` as ``cfg`` (a ``train`` config) says, resuming from ``workdir/<stage>``.
 
   Args:
@@ -308,6 +318,8 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
       ``valid`` mask).
     mesh: the device mesh.
     seed: the run's seed.
+    rules: how the state is laid out on ``mesh`` (default: replicated, or split over an
+      ``fsdp`` axis); a checkpoint saved with any layout resumes with this one.
 
   Returns:
     :class:`TrainResult`.
@@ -317,7 +329,7 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint_manager(stage_dir, cfg)
   try:
     return _train_with_manager(task, cfg, workdir, stage_dir, manager, train_iter,
-                               eval_batches, mesh, seed)
+                               eval_batches, mesh, seed, rules)
   finally:  # on every path, errors included: pending saves land and orbax's threads stop
     manager.wait_until_finished()
     manager.close()
@@ -326,27 +338,27 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
 def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
                         stage_dir: str, manager: ocp.CheckpointManager,
                         train_iter: Iterator[dict],
-                        eval_batches: Callable[[], Iterable[dict]], mesh,
-                        seed: int) -> TrainResult:
+                        eval_batches: Callable[[], Iterable[dict]], mesh, seed: int,
+                        rules: mesh_lib.ShardingRules) -> TrainResult:
   """The body of :func:`train_and_evaluate`; the caller owns (and closes) ``manager``."""
   optimizer = optim.make_optimizer(cfg)
   lr_fn = optim.learning_rate_schedule(cfg)
   ema = cfg.ema_decay > 0
   constants = task.constants()
   init_key, data_init_key, step_key = jax.random.split(stage_key(seed, task.name), 3)
-  state_sharding = mesh_lib.replicated(mesh)
 
   latest = manager.latest_step()
   position = train_iter.get_state()
   example = mesh_lib.global_batch(next(train_iter), mesh)  # the first batch, for shapes
   train_iter.set_state(position)
+  abstract, shardings = state_layout(task, optimizer, init_key, example, ema, mesh, rules)
   if latest is None:
-    state = create_train_state(task, optimizer, init_key, example, ema, state_sharding)
-    state = state.replace(model_state=jax.jit(task.data_init)(
-        state.params, state.model_state, example, data_init_key))
+    state = create_train_state(task, optimizer, init_key, example, ema, shardings)
+    state = state.replace(model_state=jax.jit(
+        task.data_init, out_shardings=shardings.model_state)(
+            state.params, state.model_state, example, data_init_key))
     logging.info("%s: starting a new run in %s", task.name, stage_dir)
   else:
-    abstract = abstract_train_state(task, optimizer, init_key, example, ema, state_sharding)
     state, data_state = restore_state(manager, latest, abstract)
     train_iter.set_state(data_state)
     logging.info("%s: resumed from step %d in %s", task.name, latest, stage_dir)
@@ -359,8 +371,10 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
   writer = writers.create_writer(workdir, stage_dir, task.name,
                                  resume_step=start if latest is not None else 0)
 
+  # The state keeps its layout from step to step (and its buffers are reused in place).
   train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,),
+                       out_shardings=(shardings, mesh_lib.replicated(mesh)))
   eval_step = jax.jit(make_eval_step(task))
   # Progress (steps/s, ETA) goes to the log; steps/s also joins each train metrics row.
   progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps,
