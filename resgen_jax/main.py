@@ -6,11 +6,14 @@
 ``--mode=sample`` and ``--mode=evaluate`` run just that stage with already trained models
 (e.g. ``--mode=sample --config.sampler.cfg_scale=2`` for another sample set). Any config field can be overridden, e.g.
 ``--config.tokenizer.quantizer.depth=16``. Rerunning a command resumes where it stopped.
+Multi-process runs start the same command in every process (``--coordinator_address``,
+``--num_processes``, ``--process_id``; see ``train/distributed.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,6 +25,12 @@ _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "encode", "sample", "evaluate"],
     "train: run config.stages; encode: only cache tokens; sample: draw samples with the "
     "trained models (config.sampler); evaluate: score those samples.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: host:port of process 0's coordinator (see train/distributed.py; "
+    "detected automatically on SLURM and Cloud TPU pods).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODE_STAGES = {"train": None, "encode": ("encode",), "sample": ("sample",),
@@ -40,6 +49,9 @@ def main(argv):
   _hide_gpus_from_tensorflow()
   import jax  # pylint: disable=g-import-not-at-top
   from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from resgen_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                             _PROCESS_ID.value, os.environ))
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   pipeline.run(_CONFIG.value, _WORKDIR.value, MODE_STAGES[_MODE.value])
