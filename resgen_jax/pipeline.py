@@ -126,7 +126,7 @@ def make_tokenizer_task(config, image_channels: int) -> TokenizerTask:
 
 def run_tokenizer(config, workdir: str, mesh) -> None:
   tcfg = config.tokenizer.train
-  mesh_lib.check_batch_size(tcfg.batch_size, mesh)
+  mesh_lib.check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum_steps)
   mesh_lib.check_batch_size(tcfg.eval_batch_size, mesh)
   full_eval = eval_pass(config, config.data.eval_split)
   example = example_batch(full_eval, mesh)
@@ -225,7 +225,7 @@ def make_generator_task(config, workdir: str) -> GeneratorTask:
 def run_generator(config, workdir: str, mesh) -> None:
   """Trains the ResGen generator on the cached tokens."""
   gcfg = config.generator.train
-  mesh_lib.check_batch_size(gcfg.batch_size, mesh)
+  mesh_lib.check_batch_size(gcfg.batch_size, mesh, gcfg.grad_accum_steps)
   mesh_lib.check_batch_size(gcfg.eval_batch_size, mesh)
   task = make_generator_task(config, workdir)
   pid, count = jax.process_index(), jax.process_count()

@@ -194,3 +194,48 @@ def test_weight_decay_spares_vectors_and_scalars():
     params = optax.apply_updates(params, updates)
   assert float(params["kernel"][0, 0]) < 1.0  # decayed
   assert float(params["bias"][0]) == 1.0 and float(params["log_sigma"]) == 1.0
+
+
+class MeanSquaresTask(LinearTask):
+  """Deterministic least squares (no RNG, no poison): micro-batch means average exactly to
+  the full-batch mean."""
+
+  def loss_and_grads(self, params, model_state, constants, batch, rng, step):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2))(params)
+    seen = model_state["seen"] + batch["x"].shape[0]
+    return loss, grads, {"seen": seen}, {"mse": loss}
+
+
+def test_micro_batches_are_strided_rows():
+  batch = {"x": np.arange(24).reshape(12, 2)}
+  micro = trainer.micro_batches(batch, 3)["x"]
+  for i in range(3):
+    np.testing.assert_array_equal(micro[i], batch["x"][i::3])
+  with pytest.raises(ValueError, match="does not split into 5"):
+    trainer.micro_batches(batch, 5)
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(mesh):
+  task = MeanSquaresTask()
+  optimizer = optax.adamw(0.1, eps=1e-3)
+  local = next(ToyIterator())
+  local = {k: np.concatenate([v] * 4) for k, v in local.items()}  # 32 rows
+  local["x"] = local["x"] + np.random.default_rng(0).normal(size=local["x"].shape).astype(
+      np.float32)
+  batch = mesh_lib.global_batch(local, mesh)
+  key = jax.random.key(0)
+  state = trainer.create_train_state(task, optimizer, key, batch, False,
+                                     mesh_lib.replicated(mesh))
+  results = {}
+  for k in (1, 4):
+    step = jax.jit(trainer.make_train_step(task, optimizer, lambda s: 0.1, 0.0, k))
+    results[k] = step(state, None, batch, key)
+  (full, full_metrics), (accum, accum_metrics) = results[1], results[4]
+  np.testing.assert_allclose(accum.params["w"], full.params["w"], rtol=1e-5)
+  np.testing.assert_allclose(accum_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(accum_metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-5)
+  assert float(accum.model_state["seen"]) == float(full.model_state["seen"]) == 32
+  assert not np.allclose(full.params["w"], state.params["w"])
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    mesh_lib.check_batch_size(32, mesh, 3)

@@ -145,14 +145,52 @@ def ema_warmup_decay(decay: float, step) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def micro_batches(batch: dict, k: int) -> dict:
+  """``[B, ...] -> [k, B / k, ...]``, micro-batch ``i`` holding examples ``i, i + k, ...``:
+  every device keeps the rows it already has, so no data moves between devices."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} does not split into {k} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_loss_and_grads(task: Task, params, model_state, constants, batch: dict,
+                               rng: jax.Array, step, k: int):
+  """``task.loss_and_grads`` over ``k`` micro-batches, one after another (``lax.scan``).
+
+  Loss, gradients and metrics are the means over micro-batches (the full-batch values for
+  losses that are means over examples); the model state threads through them in order;
+  micro-batch ``i`` draws from ``fold_in(rng, i)``. ``k = 1`` is the plain call.
+  """
+  if k == 1:
+    return task.loss_and_grads(params, model_state, constants, batch, rng, step)
+
+  def one(carry, inputs):
+    model_state, grad_sum = carry
+    index, micro = inputs
+    loss, grads, model_state, metrics = task.loss_and_grads(
+        params, model_state, constants, micro, jax.random.fold_in(rng, index), step)
+    return (model_state, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+      one, (model_state, zeros), (jnp.arange(k), micro_batches(batch, k)))
+  mean = lambda x: jnp.mean(x, axis=0)
+  return (mean(losses), jax.tree.map(lambda g: g / k, grad_sum), model_state,
+          jax.tree.map(mean, metrics))
+
+
 def make_train_step(task: Task, optimizer: optax.GradientTransformation,
-                    lr_fn: Callable, ema_decay: float) -> Callable:
-  """Returns ``train_step(state, constants, batch, seed_key) -> (state, metrics)``."""
+                    lr_fn: Callable, ema_decay: float, grad_accum_steps: int = 1) -> Callable:
+  """Returns ``train_step(state, constants, batch, seed_key) -> (state, metrics)``; the
+  gradient is accumulated over ``grad_accum_steps`` micro-batches."""
 
   def train_step(state: TrainState, constants, batch, seed_key):
     rng = step_rng(seed_key, state.step)
-    loss, grads, model_state, metrics = task.loss_and_grads(
-        state.params, state.model_state, constants, batch, rng, state.step)
+    loss, grads, model_state, metrics = accumulated_loss_and_grads(
+        task, state.params, state.model_state, constants, batch, rng, state.step,
+        grad_accum_steps)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -372,7 +410,8 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
                                  resume_step=start if latest is not None else 0)
 
   # The state keeps its layout from step to step (and its buffers are reused in place).
-  train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay),
+  train_step = jax.jit(make_train_step(task, optimizer, lr_fn, cfg.ema_decay,
+                                       cfg.grad_accum_steps),
                        donate_argnums=(0,),
                        out_shardings=(shardings, mesh_lib.replicated(mesh)))
   eval_step = jax.jit(make_eval_step(task))
