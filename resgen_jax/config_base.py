@@ -117,6 +117,7 @@ def generator_config() -> ml_collections.ConfigDict:
           low_rank=16,  # r, rank of the mean projection (width -> K x r -> d)
           dropout=0.0,  # dropout in attention and MLP
           remat=False,  # rematerialise blocks in the backward pass (memory for compute)
+          scan_layers=False,  # blocks under nn.scan: compile time independent of depth
           dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
       ),
       loss=dict(

@@ -14,6 +14,7 @@ from conftest import tiny_config
 from resgen_jax import config_base
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, mixture
+from resgen_jax.generator.model import ResGenTransformer
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import optim, trainer
 
@@ -272,3 +273,28 @@ def test_padded_positions_never_enter_the_loss():
   assert float(losses[0][0]) == pytest.approx(float(losses[1][0]), rel=1e-6)
   for key in ("cls", "reg", "nll", "mask_ratio"):
     assert float(losses[0][1][key]) == pytest.approx(float(losses[1][1][key]), rel=1e-6)
+
+
+def test_scanned_layers_compute_the_same_function_as_unrolled_ones():
+  kw = dict(num_positions=6, token_depth=3, latent_dim=4, num_classes=4, width=32,
+            num_layers=3, num_heads=2, mlp_ratio=2, num_components=4, low_rank=4)
+  unrolled, scanned = ResGenTransformer(**kw), ResGenTransformer(**kw, scan_layers=True)
+  rng = np.random.default_rng(0)
+  args = (jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32),
+          jnp.asarray(rng.integers(0, 4, (2, 6))), jnp.asarray([1, 4]))
+  params = unrolled.init(jax.random.key(0), *args)["params"]
+  # Non-zero adaLN gates, so the blocks change the output.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 if "modulation" in jax.tree_util.keystr(path) else x, params)
+  blocks = [params.pop(f"block_{i}") for i in range(3)]
+  stacked = dict(params, blocks={"block": jax.tree.map(lambda *x: jnp.stack(x), *blocks)})
+  assert jax.tree.structure(stacked) == jax.tree.structure(
+      scanned.init(jax.random.key(0), *args)["params"])
+  expected = unrolled.apply({"params": dict(params, **{f"block_{i}": b
+                                                      for i, b in enumerate(blocks)})}, *args)
+  got = scanned.apply({"params": stacked}, *args)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(expected[1], unrolled.apply(
+      {"params": dict(params, **{f"block_{i}": jax.tree.map(jnp.zeros_like, b)
+                                 for i, b in enumerate(blocks)})}, *args)[1])

@@ -121,6 +121,12 @@ def test_leaf_spec_drops_axes_that_do_not_fit_and_checks_rules():
   # tensor is not in this mesh: it is dropped, fsdp stays.
   assert mesh_lib.leaf_spec("a/mlp_in/kernel", (32, 128), mesh, TENSOR.rules, 0) == P(
       "fsdp", None)
+  tensor = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
+  # Scanned layers keep their leading layer axis whole; unrolled ones use the plain rule.
+  assert mesh_lib.leaf_spec("p/model/blocks/block/mlp_in/kernel", (3, 32, 128), tensor,
+                            TENSOR.rules, 0) == P(None, "fsdp", "tensor")
+  assert mesh_lib.leaf_spec("p/model/block_2/mlp_in/kernel", (32, 128), tensor,
+                            TENSOR.rules, 0) == P("fsdp", "tensor")
   assert mesh_lib.leaf_spec("a/w", (7, 5), mesh, (), 0) == P()  # fsdp divides neither
   assert mesh_lib.leaf_spec("a/w", (7, 6), mesh, (), 0) == P(None, "fsdp")
   assert mesh_lib.leaf_spec("a/w", (64, 64), mesh, (), 10_000) == P()  # below the minimum

@@ -27,6 +27,13 @@ Array = jax.Array
 # each block needs one reduction over ``tensor`` after attention and one after the MLP.
 # Optimizer moments end in the same paths and get the same layout.
 TENSOR_PARALLEL_RULES = (
+    # Layers under nn.scan (scan_layers=True) carry a leading layer axis, kept whole.
+    (r"blocks/.*attn/(query|key|value)/kernel$", (None, "fsdp", "tensor", None)),
+    (r"blocks/.*attn/(query|key|value)/bias$", (None, "tensor", None)),
+    (r"blocks/.*attn/out/kernel$", (None, "tensor", None, "fsdp")),
+    (r"blocks/.*mlp_in/kernel$", (None, "fsdp", "tensor")),
+    (r"blocks/.*mlp_in/bias$", (None, "tensor")),
+    (r"blocks/.*mlp_out/kernel$", (None, "tensor", "fsdp")),
     (r"attn/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # [width, heads, head]
     (r"attn/(query|key|value)/bias$", ("tensor", None)),  # [heads, head]
     (r"attn/out/kernel$", ("tensor", None, "fsdp")),  # [heads, head, width]
@@ -67,6 +74,23 @@ class AdaLNBlock(nn.Module):
     return x + gate2 * h
 
 
+class ScannedBlock(nn.Module):
+  """One AdaLNBlock in the form nn.scan wants: ``(x, cond, mask) -> (x, None)``."""
+  width: int
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+  dtype: jnp.dtype
+  train: bool
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array, attn_mask: Array):
+    block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
+    return block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                 name="block")(x, cond, attn_mask, self.train), None
+
+
 class ResGenTransformer(nn.Module):
   """Visible prefix sums and hidden counts -> mixture over each position's hidden sum."""
   num_positions: int  # L
@@ -81,6 +105,7 @@ class ResGenTransformer(nn.Module):
   low_rank: int  # r
   dropout: float = 0.0
   remat: bool = False
+  scan_layers: bool = False  # blocks under nn.scan: one compiled body, params [layers, ...]
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -103,10 +128,17 @@ class ResGenTransformer(nn.Module):
          + pos[:length]).astype(self.dtype)
     cond = nn.Embed(self.num_classes + 1, self.width, name="class_embedding")(labels)
     attn_mask = nn.make_attention_mask(jnp.ones_like(valid), valid)  # keys: real only
-    block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
-    for i in range(self.num_layers):
-      x = block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                name=f"block_{i}")(x, cond, attn_mask, train)
+    if self.scan_layers:
+      stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
+      x, _ = stack(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                   train, self.remat, name="blocks")(x, cond, attn_mask)
+    else:
+      block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
+      for i in range(self.num_layers):
+        x = block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                  name=f"block_{i}")(x, cond, attn_mask, train)
     shift, scale = jnp.split(
         nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros, name="final_modulation")(
             nn.silu(cond))[:, None], 2, axis=-1)

@@ -56,7 +56,8 @@ class GeneratorTask(Task):
         num_positions=num_positions, token_depth=depth, latent_dim=codebooks.shape[-1],
         num_classes=num_classes, width=m.width, num_layers=m.num_layers,
         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
-        low_rank=m.low_rank, dropout=m.dropout, remat=m.remat, dtype=DTYPES[m.dtype])
+        low_rank=m.low_rank, dropout=m.dropout, remat=m.remat,
+        scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
 
   @property
   def null_class(self) -> int:

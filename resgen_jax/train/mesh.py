@@ -96,15 +96,15 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
   shards = batch_shards(mesh)
   if global_batch_size <= 0:
     raise ValueError(f"global batch size must be positive, got {global_batch_size}")
-  if grad_accum_steps < 1 or global_batch_size % (grad_accum_steps * shards):
-    raise ValueError(
-        f"train.grad_accum_steps={grad_accum_steps} must be >= 1 and split the global batch "
-        f"{global_batch_size} into micro-batches that {shards} batch shards divide")
   if global_batch_size % shards or global_batch_size % jax.process_count():
     raise ValueError(
         f"global batch size {global_batch_size} must be divisible by the number of batch "
         f"shards {shards} (mesh axes {batch_axes(mesh)}) and the process count "
         f"{jax.process_count()}")
+  if grad_accum_steps < 1 or global_batch_size % (grad_accum_steps * shards):
+    raise ValueError(
+        f"train.grad_accum_steps={grad_accum_steps} must be >= 1 and split the global batch "
+        f"{global_batch_size} into micro-batches that {shards} batch shards divide")
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
