@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_seconds
 from resgen_jax import config_base
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
@@ -36,16 +35,6 @@ LATENT_DIM = 16
 
 def digits_config():
   return config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def measure(depth: int, config, batch: int, repeats: int) -> dict:

@@ -24,14 +24,13 @@ import argparse
 import json
 import math
 import os
-import statistics
-import time
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_seconds
 from resgen_jax import config_base
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -64,16 +63,6 @@ def dot_flops(jaxpr) -> int:
       else:
         total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
   return total
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def peak_matmul_flops(dtype, mesh, repeats: int) -> float:

@@ -5,7 +5,6 @@ Needs 8 devices: conftest.py asks XLA for 8 host-platform CPU devices.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
