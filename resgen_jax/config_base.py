@@ -117,6 +117,7 @@ def generator_config() -> ml_collections.ConfigDict:
           low_rank=16,  # r, rank of the mean projection (width -> K x r -> d)
           dropout=0.0,  # dropout in attention and MLP
           remat=False,  # rematerialise blocks in the backward pass (memory for compute)
+          remat_policy="",  # what remat may save: "" nothing, or a jax.checkpoint_policies name
           scan_layers=False,  # blocks under nn.scan: compile time independent of depth
           dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
       ),
@@ -162,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
           # split; the first match wins; unmatched leaves go over fsdp (largest dimension).
           rules=(),
           fsdp_min_size=2 ** 14,  # leaves smaller than this stay replicated under fsdp
+          # ((logical activation axis, mesh axis / axes / None), ...) for the training step
+          activation_rules=(("batch", ("data", "fsdp")), ("length", None), ("embed", None),
+                            ("mlp", "tensor")),
       ),
       data=dict(
           name="digits",  # digits | npz | folder | mnist | cifar10 | imagenet2012

@@ -298,3 +298,22 @@ def test_scanned_layers_compute_the_same_function_as_unrolled_ones():
   assert not np.allclose(expected[1], unrolled.apply(
       {"params": dict(params, **{f"block_{i}": jax.tree.map(jnp.zeros_like, b)
                                  for i, b in enumerate(blocks)})}, *args)[1])
+
+
+def test_remat_policies_give_the_gradients_of_the_plain_model():
+  task, _ = tiny_task()
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  grads = {}
+  for remat, policy in ((False, ""), (True, ""), (True, "dots_with_no_batch_dims_saveable")):
+    cfg = task.cfg
+    cfg.model.update(remat=remat, remat_policy=policy)
+    variant = GeneratorTask(cfg, np.asarray(task.codebooks), 6, 3, 4)
+    grads[policy, remat] = jax.jit(variant.loss_and_grads)(
+        params, state, variant.constants(), batch, jax.random.key(1), 0)[1]
+  for key, g in grads.items():
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["", False])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(key))
+  cfg.model.remat_policy = "save_everything_please"
+  with pytest.raises(ValueError, match="unknown remat_policy 'save_everything_please'"):
+    GeneratorTask(cfg, np.asarray(task.codebooks), 6, 3, 4)

@@ -61,8 +61,10 @@ def one_step(mesh, rules):
   state = trainer.create_train_state(task, OPTIMIZER, key, batch, True, shardings)
   step = jax.jit(trainer.make_train_step(task, OPTIMIZER, lambda s: 1e-2, 0.9),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)))
-  new, metrics = step(state, task.constants(), batch, jax.random.key(1))
-  return state, new, metrics
+  with rules.activations(mesh):
+    new, metrics = step(state, task.constants(), batch, jax.random.key(1))
+    hlo = step.lower(state, task.constants(), batch, jax.random.key(1)).as_text()
+  return state, new, metrics, hlo
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,8 @@ def steps():
 
 
 def test_same_batch_gives_the_same_step_on_every_mesh(steps):
-  _, reference, ref_metrics = steps["1 device"]
-  for name, (_, new, metrics) in steps.items():
+  _, reference, ref_metrics, _ = steps["1 device"]
+  for name, (_, new, metrics, _) in steps.items():
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]),
                                rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference.params)):
@@ -99,7 +101,7 @@ def test_state_is_laid_out_as_the_rules_say(steps):
       "4x2 data x fsdp": (P(None, "fsdp"), P("fsdp", None, None), 2),  # largest dim fsdp divides
       "2x2x2 data x fsdp x tensor": (P("fsdp", "tensor"), P("fsdp", "tensor", None), 4),
   }
-  for name, (state, new, _) in steps.items():
+  for name, (state, new, _, _) in steps.items():
     mlp_spec, query_spec, pieces = expected[name]
     kernel = leaf(state.params, mlp_in)
     assert kernel.sharding.spec == mlp_spec, name
@@ -113,6 +115,14 @@ def test_state_is_laid_out_as_the_rules_say(steps):
     assert leaf(new.ema_params, mlp_in).sharding.spec == mlp_spec
     assert jax.tree.map(lambda x: x.sharding, new) == jax.tree.map(lambda x: x.sharding, state)
     assert state.step.sharding.is_fully_replicated  # scalars stay whole
+
+
+def test_activations_are_constrained_as_the_activation_rules_say(steps):
+  # The residual stream [B, L, width] and the MLP hidden units [B, L, mlp] of the train step.
+  batch_only = '[{"data", "fsdp"}, {}, {}]'
+  assert batch_only in steps["4x2 data x fsdp"][3]
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in steps["2x2x2 data x fsdp x tensor"][3]
+  assert '[{"data"}, {}, {}]' in steps["8 data"][3]  # axes absent from the mesh are dropped
 
 
 def test_leaf_spec_drops_axes_that_do_not_fit_and_checks_rules():

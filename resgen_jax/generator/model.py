@@ -47,6 +47,12 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1.0 + scale) + shift
 
 
+# Logical axes of the activations; config.mesh.activation_rules maps them to mesh axes
+# while a training step is traced (train/mesh.py), and outside that they constrain nothing.
+RESIDUAL_AXES = ("batch", "length", "embed")
+MLP_AXES = ("batch", "length", "mlp")
+
+
 class AdaLNBlock(nn.Module):
   """Pre-LN transformer block with adaLN-Zero conditioning (gates start at zero)."""
   width: int
@@ -69,9 +75,23 @@ class AdaLNBlock(nn.Module):
     x = x + gate1 * h
     h = modulate(norm("ln_mlp")(x), shift2, scale2)
     h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, name="mlp_in")(h)
+    h = nn.with_logical_constraint(h, MLP_AXES)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
     h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
-    return x + gate2 * h
+    return nn.with_logical_constraint(x + gate2 * h, RESIDUAL_AXES)
+
+
+def block_class(remat: bool, policy: str = ""):
+  """AdaLNBlock, rematerialised in the backward pass when ``remat``: everything is
+  recomputed (``policy`` empty) or what ``jax.checkpoint_policies.<policy>`` lets it save,
+  e.g. ``dots_with_no_batch_dims_saveable`` keeps the matmul outputs."""
+  if not remat:
+    return AdaLNBlock
+  if policy and not hasattr(jax.checkpoint_policies, policy):
+    raise ValueError(f"unknown remat_policy {policy!r}: a name in jax.checkpoint_policies, "
+                     f"e.g. 'dots_with_no_batch_dims_saveable'")
+  return nn.remat(AdaLNBlock, static_argnums=(4,),
+                  policy=getattr(jax.checkpoint_policies, policy) if policy else None)
 
 
 class ScannedBlock(nn.Module):
@@ -83,10 +103,11 @@ class ScannedBlock(nn.Module):
   dtype: jnp.dtype
   train: bool
   remat: bool
+  remat_policy: str = ""
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, attn_mask: Array):
-    block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
+    block = block_class(self.remat, self.remat_policy)
     return block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
                  name="block")(x, cond, attn_mask, self.train), None
 
@@ -105,6 +126,7 @@ class ResGenTransformer(nn.Module):
   low_rank: int  # r
   dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = ""  # see block_class
   scan_layers: bool = False  # blocks under nn.scan: one compiled body, params [layers, ...]
   dtype: jnp.dtype = jnp.float32
 
@@ -126,6 +148,7 @@ class ResGenTransformer(nn.Module):
     x = (nn.Dense(self.width, dtype=self.dtype, name="visible_in")(visible_sum)
          + nn.Embed(self.token_depth + 1, self.width, name="hidden_count")(hidden)
          + pos[:length]).astype(self.dtype)
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     cond = nn.Embed(self.num_classes + 1, self.width, name="class_embedding")(labels)
     attn_mask = nn.make_attention_mask(jnp.ones_like(valid), valid)  # keys: real only
     if self.scan_layers:
@@ -133,9 +156,9 @@ class ResGenTransformer(nn.Module):
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
       x, _ = stack(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                   train, self.remat, name="blocks")(x, cond, attn_mask)
+                   train, self.remat, self.remat_policy, name="blocks")(x, cond, attn_mask)
     else:
-      block = nn.remat(AdaLNBlock, static_argnums=(4,)) if self.remat else AdaLNBlock
+      block = block_class(self.remat, self.remat_policy)
       for i in range(self.num_layers):
         x = block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
                   name=f"block_{i}")(x, cond, attn_mask, train)

@@ -23,7 +23,7 @@ import numpy as np
 
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, mixture
-from resgen_jax.generator.model import ResGenTransformer
+from resgen_jax.generator.model import ResGenTransformer, block_class
 from resgen_jax.train.task import Task
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,7 +57,8 @@ class GeneratorTask(Task):
         num_classes=num_classes, width=m.width, num_layers=m.num_layers,
         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
         low_rank=m.low_rank, dropout=m.dropout, remat=m.remat,
-        scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
+        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
+    block_class(m.remat, m.remat_policy)  # validates the policy name
 
   @property
   def null_class(self) -> int:

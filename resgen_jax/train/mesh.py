@@ -17,18 +17,22 @@ moments end in the same path), first match wins, ``spec`` naming a mesh axis or 
 each dimension. Leaves no rule matches are split over ``fsdp`` along their largest
 dimension it divides, if they hold at least ``mesh.fsdp_min_size`` elements. An axis that is
 absent from the mesh, of size 1, or does not divide the dimension is dropped from a spec, so
-one set of rules serves every mesh. Activations follow by GSPMD propagation from the
-batch (split over ``data`` x ``fsdp``) and the parameters. Batches are assembled as global
+one set of rules serves every mesh. Activations are constrained where the model names
+their logical axes (``nn.with_logical_constraint``: ``batch``, ``length``, ``embed``,
+``mlp``), mapped by ``mesh.activation_rules`` while the training step is traced; GSPMD
+propagates the rest. Batches are assembled as global
 arrays from each process's local shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -146,12 +150,19 @@ def tree_paths(tree: Any) -> list:
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+# Activations: the batch over data x fsdp, MLP hidden units over tensor (Megatron).
+DEFAULT_ACTIVATION_RULES = (("batch", BATCH_AXES), ("length", None), ("embed", None),
+                            ("mlp", TENSOR_AXIS))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-  """How training state is laid out on a mesh: ``config.mesh.rules`` and
-  ``config.mesh.fsdp_min_size`` (see the module docstring)."""
+  """How training state and activations are laid out on a mesh: ``config.mesh.rules``,
+  ``config.mesh.fsdp_min_size`` and ``config.mesh.activation_rules`` (see the module
+  docstring)."""
   rules: tuple = ()
   fsdp_min_size: int = 0
+  activation_rules: tuple = DEFAULT_ACTIVATION_RULES
 
   def __post_init__(self):
     for pattern, _ in self.rules:
@@ -163,7 +174,23 @@ class ShardingRules:
   @classmethod
   def from_config(cls, mesh_cfg) -> "ShardingRules":
     return cls(rules=tuple((p, tuple(spec)) for p, spec in mesh_cfg.rules),
-               fsdp_min_size=int(mesh_cfg.fsdp_min_size))
+               fsdp_min_size=int(mesh_cfg.fsdp_min_size),
+               activation_rules=tuple(
+                   (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                   for name, axes in mesh_cfg.activation_rules))
+
+  @contextlib.contextmanager
+  def activations(self, mesh: Mesh):
+    """While active, jitted functions traced inside constrain the model's logical
+    activation axes as ``activation_rules`` say (mesh axes absent from ``mesh`` dropped)."""
+    def present(axes):
+      if isinstance(axes, tuple):
+        kept = tuple(a for a in axes if a in mesh.axis_names)
+        return kept or None
+      return axes if axes in mesh.axis_names else None
+    rules = tuple((name, present(axes)) for name, axes in self.activation_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      yield
 
   def shardings(self, abstract_state: Any, mesh: Mesh) -> Any:
     """NamedShardings for every leaf of ``abstract_state`` (anything with ``.shape``)."""

@@ -424,7 +424,8 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
   try:
     for step in range(start, cfg.num_steps):
       batch = mesh_lib.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, constants, batch, step_key)
+      with rules.activations(mesh):  # activation layout, applied when the step is traced
+        state, metrics = train_step(state, constants, batch, step_key)
       history.append(metrics)
       done = step + 1
       progress(done)
@@ -436,7 +437,8 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
         writer.write_scalars(done, {f"train/{k}": float(v) for k, v in means.items()})
         history, interval_start, interval_step = [], now, done
       if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
-        result = evaluate(eval_step, state, constants, eval_batches(), mesh)
+        with rules.activations(mesh):
+          result = evaluate(eval_step, state, constants, eval_batches(), mesh)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
       preempted = watcher.should_stop(manager, done)
       if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or preempted:
