@@ -192,3 +192,33 @@ def test_fsdp_checkpoint_restores_on_one_device_and_resumes_on_another_mesh(tmp_
   assert int(more.state.step) == 3
   assert leaf(more.state.params, "model/block_0/mlp_in/kernel").sharding.spec == P(
       "fsdp", "tensor")
+
+
+def test_imagenet_generator_state_is_split_over_fsdp_and_tensor():
+  """The paper-size generator's rules, checked on shapes alone (nothing is allocated)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from resgen_jax import config_base  # pylint: disable=g-import-not-at-top
+  from resgen_jax.train import optim  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet.py"))
+  depth = config.tokenizer.quantizer.depth
+  books = np.zeros((1, 16, config.tokenizer.model.latent_dim), np.float32)
+  task = GeneratorTask(config.generator, books, 64, depth, 1000)
+  mesh = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
+  batch = {"codes": jax.ShapeDtypeStruct((8, 8, 8, depth), np.int32,
+                                         sharding=mesh_lib.batch_sharding(mesh)),
+           "label": jax.ShapeDtypeStruct((8,), np.int32, sharding=mesh_lib.batch_sharding(mesh))}
+  abstract, _ = trainer.state_layout(task, optim.make_optimizer(config.generator.train),
+                                     jax.random.key(0), batch, True, mesh,
+                                     mesh_lib.ShardingRules.from_config(config.mesh))
+  total = per_device = 0
+  for leaf in jax.tree.leaves(abstract):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += leaf.size
+    per_device += int(np.prod(shard))
+    if leaf.size >= config.mesh.fsdp_min_size * 4:  # every large leaf is split
+      assert np.prod(shard) < leaf.size, leaf
+  # Parameters, two Adam moments and the EMA of ~576M parameters, split 4 ways (fsdp x
+  # tensor) up to the few small leaves that stay whole.
+  assert 4 * 0.9 * 576e6 < total < 4 * 1.1 * 576e6
+  assert per_device < 0.27 * total

@@ -34,12 +34,18 @@ TENSOR_PARALLEL_RULES = (
     (r"blocks/.*mlp_in/kernel$", (None, "fsdp", "tensor")),
     (r"blocks/.*mlp_in/bias$", (None, "tensor")),
     (r"blocks/.*mlp_out/kernel$", (None, "tensor", "fsdp")),
+    (r"blocks/.*/modulation/kernel$", (None, "fsdp", "tensor")),
+    (r"blocks/.*/modulation/bias$", (None, "tensor")),
     (r"attn/(query|key|value)/kernel$", ("fsdp", "tensor", None)),  # [width, heads, head]
     (r"attn/(query|key|value)/bias$", ("tensor", None)),  # [heads, head]
     (r"attn/out/kernel$", ("tensor", None, "fsdp")),  # [heads, head, width]
     (r"mlp_in/kernel$", ("fsdp", "tensor")),  # [width, mlp]
     (r"mlp_in/bias$", ("tensor",)),  # [mlp]
     (r"mlp_out/kernel$", ("tensor", "fsdp")),  # [mlp, width]
+    # adaLN: [width, 6 width] per block, a third of a block's parameters, applied once per
+    # example (not per position), so its output is split over tensor too.
+    (r"/modulation/kernel$", ("fsdp", "tensor")),
+    (r"/modulation/bias$", ("tensor",)),
 )
 
 
