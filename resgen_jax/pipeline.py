@@ -380,10 +380,10 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
     report = {"samples": samples, "num_samples": count, "generated": generated,
               "real_heldout": evaluator.reference(), "evaluation": settings}
     files.save_json(out, report)
-    logging.info("samples: class agreement %.3f, Frechet distance %.3f | real held-out: "
-                 "%.3f, %.3f", generated["class_agreement"], generated["frechet_distance"],
-                 report["real_heldout"]["class_agreement"],
-                 report["real_heldout"]["frechet_distance"])
+    for name, scores in (("samples", generated), ("real held-out", report["real_heldout"])):
+      logging.info("%s: class agreement %.3f, Frechet distance %.3f, precision %.3f, "
+                   "recall %.3f", name, scores["class_agreement"], scores["frechet_distance"],
+                   scores["precision"], scores["recall"])
   return report
 
 

@@ -211,9 +211,11 @@ def test_evaluator_on_held_out_set(evaluator, trained, digits):
   scores = evaluator.evaluate(test_images, test_labels)
   assert scores["class_agreement"] == accuracy(trained, test_images, test_labels)
   assert 0.0 <= scores["frechet_distance"] < 1e-6
+  assert scores["precision"] == scores["recall"] == 1.0  # the reference set itself
   reference = evaluator.reference()
   assert reference["class_agreement"] == scores["class_agreement"]
   assert reference["frechet_distance"] > 0.0
+  assert 0.5 < reference["precision"] <= 1.0 and 0.5 < reference["recall"] <= 1.0
 
 
 def test_evaluator_wrong_labels_drop_to_chance(evaluator, digits):
@@ -226,7 +228,10 @@ def test_evaluator_noise_is_far_from_real(evaluator, digits):
   _, (test_images, test_labels) = digits
   noise = np.random.default_rng(0).integers(0, 256, test_images.shape, dtype=np.uint8)
   real_vs_real = evaluator.reference()["frechet_distance"]
-  assert evaluator.evaluate(noise, test_labels)["frechet_distance"] > 10.0 * real_vs_real
+  scores = evaluator.evaluate(noise, test_labels)
+  assert scores["frechet_distance"] > 10.0 * real_vs_real
+  # Noise lies mostly off the real manifold (real vs real: about 0.9).
+  assert scores["precision"] < 0.2 * evaluator.reference()["precision"]
 
 
 def test_evaluator_without_baseline_uses_halves(trained, digits):

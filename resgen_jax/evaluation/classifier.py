@@ -30,7 +30,7 @@ from flax import serialization
 from flax import traverse_util
 
 from resgen_jax import data as data_lib
-from resgen_jax.evaluation import frechet
+from resgen_jax.evaluation import frechet, metrics
 from resgen_jax.utils import files
 from resgen_jax.utils import images as images_lib
 
@@ -303,12 +303,12 @@ class ClassifierEvaluator:
         reference_labels, num_classes, reference_images.shape[0], "reference_labels"))
     self.reference_stats = frechet.gaussian_stats(self.reference_features)
     if baseline_images is None:
-      self.baseline_distance = _stats_distance(self.reference_features[0::2],
-                                               self.reference_features[1::2])
+      compared, baseline_features = self.reference_features[0::2], self.reference_features[1::2]
     else:
+      compared = self.reference_features
       _, baseline_features = self._predict(baseline_images, "baseline_images")
-      self.baseline_distance = frechet.frechet_distance(
-          *frechet.gaussian_stats(baseline_features), *self.reference_stats)
+    self.baseline = dict(frechet_distance=_stats_distance(compared, baseline_features),
+                         **metrics.precision_recall(compared, baseline_features))
 
   def _predict(self, images, name: str) -> Tuple[np.ndarray, np.ndarray]:
     """Checks ``images`` have the reference shape -> (logits ``[N, K]``, features ``[N, F]``)."""
@@ -323,20 +323,23 @@ class ClassifierEvaluator:
 
     Returns:
       ``class_agreement``: fraction classified as the requested class;
-      ``frechet_distance``: to the reference set's features (needs N >= 2).
+      ``frechet_distance``: to the reference set's features (needs N >= 2);
+      ``precision``, ``recall``: k-NN manifold precision and recall against the reference
+      features (needs N > k, see :mod:`metrics`).
     """
     logits, features = self._predict(images, "images")
     labels = _check_labels(labels, self.num_classes, logits.shape[0], "labels")
     return dict(class_agreement=_agreement(logits, labels),
                 frechet_distance=frechet.frechet_distance(*frechet.gaussian_stats(features),
-                                                          *self.reference_stats))
+                                                          *self.reference_stats),
+                **metrics.precision_recall(self.reference_features, features))
 
   def reference(self) -> Dict[str, float]:
     """The same scores for real data, to print beside :meth:`evaluate`'s.
 
     Returns:
       ``class_agreement``: the classifier's accuracy on the reference set;
-      ``frechet_distance``: baseline images vs the reference set (or its two halves).
+      ``frechet_distance``, ``precision``, ``recall``: baseline images vs the reference set
+      (or its odd- vs its even-indexed half).
     """
-    return dict(class_agreement=self.reference_accuracy,
-                frechet_distance=self.baseline_distance)
+    return dict(class_agreement=self.reference_accuracy, **self.baseline)
