@@ -67,11 +67,18 @@ def _flatten(tree, prefix=""):
 
 
 def config_differences(saved: dict, current: dict) -> list:
-  """Dotted field names whose values differ (present in either) and are not resumable."""
+  """Dotted field names whose values differ (present in either) and are not resumable.
+
+  A field the saved config lacks (added to the schema after that run started) matches when
+  the current value is the schema's default: the old run behaved as the default does.
+  """
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+  defaults = _flatten(json.loads(config_base.base_config().to_json()))
   resumable = lambda key: any(key == f or key.startswith(f + ".")
                               for f in config_base.RESUMABLE_FIELDS)
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not resumable(k))
+  added_at_default = lambda key: key not in a and key in defaults and b.get(key) == defaults[key]
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and not resumable(k) and not added_at_default(k))
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax import pipeline
 from resgen_jax.codec import token_cache
@@ -205,3 +206,20 @@ def test_command_line_overrides_and_config_json(tmp_path):
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
   with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
     assert len(json.load(f)["psnr_by_depth"]) == 2
+
+
+def test_run_config_differences_name_model_fields_only():
+  base = config_base.base_config().to_dict()
+  saved = json.loads(json.dumps(base))
+  current = config_base.base_config()
+  current.tokenizer.quantizer.depth = 8  # shapes the checkpoints
+  current.generator.train.log_every = 7  # resumable
+  assert pipeline.config_differences(saved, current.to_dict()) == [
+      "tokenizer.quantizer.depth"]
+  # A field added to the schema after the saved run matches at its default only.
+  del saved["generator"]["train"]["grad_accum_steps"]
+  current = config_base.base_config()
+  assert pipeline.config_differences(saved, current.to_dict()) == []
+  current.generator.train.grad_accum_steps = 2
+  assert pipeline.config_differences(saved, current.to_dict()) == [
+      "generator.train.grad_accum_steps"]
