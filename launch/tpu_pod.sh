@@ -42,20 +42,29 @@ case "$command" in
     ;;
   install)
     repo="$(cd "$(dirname "$0")/.." && pwd)"
-    archive="$(mktemp -d)/resgen_jax.tar.gz"
-    run tar -czf "$archive" -C "$repo" --exclude=.git .
+    staging="$(mktemp -d)"
+    trap 'rm -rf "$staging"' EXIT
+    archive="$staging/resgen_jax.tar.gz"
+    # The code only: no git history, environments, caches or run directories.
+    run tar -czf "$archive" -C "$repo" --exclude=.git --exclude='.venv*' \
+      --exclude=__pycache__ --exclude=.pytest_cache -- resgen_jax configs launch \
+      requirements.txt README.md
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/resgen_jax.tar.gz" \
       --zone="$ZONE" $PROJECT_FLAG --worker=all
-    on_all_workers "mkdir -p $REMOTE_DIR && tar -xzf resgen_jax.tar.gz -C $REMOTE_DIR && \
-      cd $REMOTE_DIR && pip install -q -r requirements.txt && pip install -q -U 'jax[tpu]'"
+    dir="$(printf '%q' "$REMOTE_DIR")"
+    on_all_workers "mkdir -p $dir && tar -xzf resgen_jax.tar.gz -C $dir && cd $dir && \
+      pip install -q -r requirements.txt && pip install -q -U 'jax[tpu]'"
     ;;
   run)
     args="$(printf ' %q' "$@")"
-    on_all_workers "cd $REMOTE_DIR && nohup python3 -m resgen_jax.main$args > ~/$LOG 2>&1 &"
+    # RESGEN_DISTRIBUTED=auto: each worker joins the pod's process group (the TPU VM
+    # metadata names the workers); stdin from /dev/null so ssh returns at once.
+    on_all_workers "cd $(printf '%q' "$REMOTE_DIR") && RESGEN_DISTRIBUTED=auto nohup \
+      python3 -m resgen_jax.main$args > ~/$(printf '%q' "$LOG") 2>&1 < /dev/null &"
     ;;
   logs)
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=0 \
-      --command="tail -n 100 -f ~/$LOG"
+      --command="tail -n 100 -f ~/$(printf '%q' "$LOG")"
     ;;
   delete)
     run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --quiet

@@ -44,7 +44,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   """Optimizer, schedule, batch and bookkeeping of one training stage."""
   cfg = ml_collections.ConfigDict(dict(
       batch_size=64,  # global batch (all processes and devices together)
-      grad_accum_steps=1,  # micro-batches per step: the same update in 1/k the activations
+      grad_accum_steps=1,  # micro-batches per step (generator only): 1/k the activations
       num_steps=1000,  # optimizer steps of this stage
       learning_rate=1e-3,  # peak learning rate after warmup
       lr_min_ratio=0.1,  # final learning rate as a fraction of the peak (cosine decay)

@@ -133,6 +133,11 @@ def make_tokenizer_task(config, image_channels: int) -> TokenizerTask:
 
 def run_tokenizer(config, workdir: str, mesh) -> None:
   tcfg = config.tokenizer.train
+  if tcfg.grad_accum_steps != 1:
+    # The quantizer's EMA codebook update and dead-code restarts are per-batch statistics:
+    # over micro-batches they would run k times per step on 1/k of the counts.
+    raise ValueError(f"tokenizer.train.grad_accum_steps must be 1 (got "
+                     f"{tcfg.grad_accum_steps}): the EMA codebook update needs whole batches")
   mesh_lib.check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum_steps)
   mesh_lib.check_batch_size(tcfg.eval_batch_size, mesh)
   full_eval = eval_pass(config, config.data.eval_split)
@@ -207,6 +212,8 @@ def run_encode(config, workdir: str, mesh) -> None:
     logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
     return
   params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
+  # Whole on every process (an FSDP-split codebook spans hosts), for tokens/codebooks.npz.
+  host_books = np.asarray(jax.jit(lambda b: b, out_shardings=mesh_lib.replicated(mesh))(books))
   encode = jax.jit(task.tok.encode, out_shardings=mesh_lib.batch_sharding(mesh))
 
   def encode_local(batch):
@@ -219,7 +226,7 @@ def run_encode(config, workdir: str, mesh) -> None:
     codes, labels = token_cache.encode_split(encode_local, batches(), task.tok.codebook_size)
     path = token_cache.write_split(workdir, split, codes, labels)
     logging.info("encoded %d %s examples into %s", len(codes), split, path)
-  token_cache.write_meta(workdir, meta, np.asarray(books))
+  token_cache.write_meta(workdir, meta, host_books)
 
 
 def make_generator_task(config, workdir: str) -> GeneratorTask:
@@ -328,9 +335,8 @@ def run_sample(config, workdir: str, mesh) -> str:
   for index, first in enumerate(range(0, len(labels), scfg.batch_size)):
     chunk = labels[first:first + scfg.batch_size]
     padded = np.pad(chunk, (0, scfg.batch_size - len(chunk)))  # one compiled shape
-    local = np.split(padded.astype(np.int32), jax.process_count())[jax.process_index()]
     out = draw(gen_state.eval_params(), gen_state.model_state, ae_params, codebooks,
-               mesh_lib.global_batch({"label": local}, mesh)["label"],
+               mesh_lib.replicated_host_batch(padded.astype(np.int32), mesh),
                jax.random.fold_in(jax.random.key(scfg.seed), index))
     images.append(image_utils.to_uint8(out[0])[:len(chunk)])
     codes.append(np.asarray(out[1])[:len(chunk)])

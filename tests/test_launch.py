@@ -26,6 +26,7 @@ def test_tpu_pod_runs_the_same_command_on_all_workers():
             TPU_NAME="pod", ZONE="us-central2-b")
   assert out.returncode == 0, out.stderr
   assert "tpu-vm ssh pod --zone=us-central2-b --worker=all" in out.stdout
+  assert "RESGEN_DISTRIBUTED=auto" in out.stdout  # every worker joins the pod's processes
   assert "resgen_jax.main\\ --config=configs/imagenet.py\\ --workdir=gs://bucket/run" in (
       out.stdout)
 

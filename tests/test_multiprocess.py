@@ -41,7 +41,8 @@ def free_port() -> int:
 def start(args, devices):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID):
+  for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID,
+               distributed.ENV_AUTO):
     env.pop(name, None)
   return subprocess.Popen([sys.executable, "-m", "resgen_jax.main", *args], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,6 +109,7 @@ def test_multi_process_fsdp_checkpoint_encodes_in_one_process(runs):
     ((None, None, None), {"SLURM_NTASKS": "1"}, None),
     ((None, None, None), {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
     ((None, None, None), {"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ((None, None, None), {"RESGEN_DISTRIBUTED": "auto"}, {}),
 ])
 def test_distributed_settings_come_from_flags_env_or_cluster(args, env, expected):
   assert distributed.resolve(*args, env) == expected
@@ -119,6 +121,7 @@ def test_distributed_settings_come_from_flags_env_or_cluster(args, env, expected
     ((None, 2, 0), {}, "without a coordinator"),
     ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
                           "JAX_PROCESS_ID": "0"}, "must be an integer"),
+    ((None, None, None), {"RESGEN_DISTRIBUTED": "yes"}, "must be 'auto' or unset"),
 ])
 def test_bad_distributed_settings_are_named(args, env, message):
   with pytest.raises(ValueError, match=message):

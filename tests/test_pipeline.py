@@ -223,3 +223,11 @@ def test_run_config_differences_name_model_fields_only():
   current.generator.train.grad_accum_steps = 2
   assert pipeline.config_differences(saved, current.to_dict()) == [
       "generator.train.grad_accum_steps"]
+
+
+def test_tokenizer_refuses_gradient_accumulation(tmp_path):
+  config = tiny_config()
+  config.tokenizer.train.grad_accum_steps = 2
+  with pytest.raises(ValueError, match="tokenizer.train.grad_accum_steps must be 1"):
+    pipeline.run_tokenizer(config, str(tmp_path), mesh_lib.make_mesh(("data",), (-1,)))
+  assert not os.listdir(tmp_path)  # nothing written

@@ -145,6 +145,12 @@ def test_leaf_spec_drops_axes_that_do_not_fit_and_checks_rules():
     mesh_lib.leaf_spec("a/mlp_in/kernel", (4, 4), mesh, ((r"mlp_in", ("fsdp",)),), 0)
   with pytest.raises(ValueError, match="not a regular expression"):
     mesh_lib.ShardingRules(rules=(("(", ("fsdp",)),))
+  with pytest.raises(ValueError, match=r"names mesh axes \['tensr'\]"):
+    mesh_lib.ShardingRules(rules=(("w$", ("fsdp", "tensr")),))
+  with pytest.raises(ValueError, match="uses a mesh axis twice"):
+    mesh_lib.ShardingRules(rules=(("w$", ("fsdp", "fsdp")),))
+  with pytest.raises(ValueError, match="activation_rules entry 'mlp'"):
+    mesh_lib.ShardingRules(activation_rules=(("mlp", "model"),))
   with pytest.raises(ValueError, match="must be distinct names"):
     mesh_lib.make_mesh(("data", "model"), (4, 2))
   with pytest.raises(ValueError, match="number of batch shards 8"):

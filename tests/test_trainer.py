@@ -183,17 +183,21 @@ def test_eval_every_zero_evaluates_once_at_the_end(tmp_path, mesh):
   assert [r["step"] for r in rows if "eval/sq_err" in r] == [6]
 
 
-def test_weight_decay_spares_vectors_and_scalars():
+def test_weight_decay_reaches_weights_and_embeddings_only():
   cfg = train_cfg(weight_decay=0.5, grad_clip=0.0, learning_rate=0.1, warmup_steps=1)
-  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "log_sigma": jnp.ones(())}
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "log_sigma": jnp.ones(()),
+            "attn": {"bias": jnp.ones((2, 4))},  # [heads, head]: a bias despite its rank
+            "blocks": {"scale": jnp.ones((3, 2)), "kernel": jnp.ones((3, 2, 2))},  # scanned
+            "pos_embedding": jnp.ones((4, 2))}
   opt = optim.make_optimizer(cfg)
   state = opt.init(params)
   zero = jax.tree.map(jnp.zeros_like, params)
   for _ in range(2):  # step 0 has learning rate 0 (warmup)
     updates, state = opt.update(zero, state, params)
     params = optax.apply_updates(params, updates)
-  assert float(params["kernel"][0, 0]) < 1.0  # decayed
-  assert float(params["bias"][0]) == 1.0 and float(params["log_sigma"]) == 1.0
+  decayed = {"kernel", "blocks/kernel", "pos_embedding"}
+  for path, value in zip(mesh_lib.tree_paths(params), jax.tree.leaves(params)):
+    assert (np.asarray(value) < 1.0).all() if path in decayed else (value == 1.0).all(), path
 
 
 class MeanSquaresTask(LinearTask):

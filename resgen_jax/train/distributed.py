@@ -7,8 +7,10 @@ settings come from, first match wins:
 
 1. ``--coordinator_address`` / ``--num_processes`` / ``--process_id`` (main.py flags);
 2. the environment: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``;
-3. a detected multi-host cluster: a SLURM job step with more than one task, or a Cloud TPU
-   pod slice with more than one worker; JAX's own cluster detection fills in everything;
+3. ``RESGEN_DISTRIBUTED=auto`` (set by ``launch/tpu_pod.sh``: a TPU VM finds its pod's
+   workers through the metadata server, not the environment), a SLURM job step with more
+   than one task, or ``TPU_WORKER_HOSTNAMES`` naming several workers: JAX's own cluster
+   detection fills in everything;
 4. otherwise a single process (nothing to initialise).
 """
 
@@ -19,6 +21,7 @@ from typing import Mapping, Optional
 import jax
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_AUTO = "RESGEN_DISTRIBUTED"  # "auto": let JAX detect the cluster
 
 
 def _int(value, name: str) -> Optional[int]:
@@ -48,6 +51,11 @@ def resolve(coordinator_address: Optional[str], num_processes: Optional[int],
   if count is not None or index is not None:
     raise ValueError("a process count or id was given without a coordinator address "
                      f"(--coordinator_address or {ENV_ADDRESS})")
+  auto = env.get(ENV_AUTO, "")
+  if auto not in ("", "auto"):
+    raise ValueError(f"{ENV_AUTO} must be 'auto' or unset, got {auto!r}")
+  if auto == "auto":
+    return {}
   slurm_tasks = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"), "SLURM_NTASKS")
   tpu_workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if (slurm_tasks or 1) > 1 or len(tpu_workers) > 1:

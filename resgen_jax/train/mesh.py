@@ -118,6 +118,13 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def replicated_host_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global batch ``[B, ...]`` from a host array every process holds in full: global row
+  ``i`` is ``array[i]`` whatever the order of processes along the mesh."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda i: array[i])
+
+
 def _usable(axis: Optional[str], dim: int, mesh: Mesh) -> Optional[str]:
   """``axis`` if it is in the mesh, larger than 1, and divides ``dim``; else None."""
   if axis is None or axis not in mesh.axis_names:
@@ -155,6 +162,12 @@ DEFAULT_ACTIVATION_RULES = (("batch", BATCH_AXES), ("length", None), ("embed", N
                             ("mlp", TENSOR_AXIS))
 
 
+def _check_axes(axes, where: str) -> None:
+  unknown = [a for a in axes if a is not None and a not in KNOWN_AXES]
+  if unknown:
+    raise ValueError(f"{where} names mesh axes {unknown}; known axes are {KNOWN_AXES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
   """How training state and activations are laid out on a mesh: ``config.mesh.rules``,
@@ -165,11 +178,18 @@ class ShardingRules:
   activation_rules: tuple = DEFAULT_ACTIVATION_RULES
 
   def __post_init__(self):
-    for pattern, _ in self.rules:
+    for pattern, spec in self.rules:
       try:
         re.compile(pattern)
       except re.error as e:
         raise ValueError(f"mesh.rules pattern {pattern!r} is not a regular expression: {e}")
+      named = [a for a in spec if a is not None]
+      _check_axes(named, f"mesh.rules entry {pattern!r}")
+      if len(set(named)) != len(named):
+        raise ValueError(f"mesh.rules entry {pattern!r} uses a mesh axis twice: {spec}")
+    for name, axes in self.activation_rules:
+      _check_axes(axes if isinstance(axes, tuple) else [axes],
+                  f"mesh.activation_rules entry {name!r}")
 
   @classmethod
   def from_config(cls, mesh_cfg) -> "ShardingRules":

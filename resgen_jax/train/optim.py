@@ -18,11 +18,19 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=cfg.num_steps, end_value=cfg.learning_rate * cfg.lr_min_ratio)
 
 
+# Leaf names that weight decay applies to: the weight matrices of dense and convolution
+# layers (also when stacked by nn.scan or shaped [width, heads, head]) and embedding tables.
+DECAYED_LEAVES = ("kernel", "embedding")
+
+
 def decay_mask(params):
-  """Weight decay applies to matrices (kernels, embeddings) only: not to biases, norms,
-  per-channel scales and shifts, or scalars such as a learned log-sigma, which decay would
-  pull towards zero for no reason."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """True for leaves named in DECAYED_LEAVES (``*_embedding`` included), by name and not by
+  rank: biases (``[heads, head]`` in attention, ``[layers, d]`` under nn.scan), norm scales
+  and learned scalars such as a log-sigma are not pulled towards zero."""
+  def decayed(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name in DECAYED_LEAVES or name.endswith("_embedding")
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -160,8 +160,11 @@ def accumulated_loss_and_grads(task: Task, params, model_state, constants, batch
   """``task.loss_and_grads`` over ``k`` micro-batches, one after another (``lax.scan``).
 
   Loss, gradients and metrics are the means over micro-batches (the full-batch values for
-  losses that are means over examples); the model state threads through them in order;
-  micro-batch ``i`` draws from ``fold_in(rng, i)``. ``k = 1`` is the plain call.
+  losses that are means over examples; a loss normalised by a per-batch count, such as the
+  generator's per-hidden-token mean, is close to it but not equal); the model state threads
+  through them in order, so a task whose model state holds per-batch statistics (the
+  tokenizer's EMA codebooks) must not use k > 1; micro-batch ``i`` draws from
+  ``fold_in(rng, i)``. ``k = 1`` is the plain call.
   """
   if k == 1:
     return task.loss_and_grads(params, model_state, constants, batch, rng, step)
