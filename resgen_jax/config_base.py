@@ -184,9 +184,13 @@ def base_config() -> ml_collections.ConfigDict:
       generator=generator_config(),
       sampler=sampler_config(),
       evaluation=dict(
-          extractor="classifier",  # features for the Frechet distance: a classifier
-                                   # trained on the data set's own labels
+          # features: "classifier" (trained on the data set's own labels; no download) or
+          # "inception" (the FID Inception: FID, Inception Score, precision/recall)
+          extractor="classifier",
           classifier_steps=800,  # training steps of that classifier (once per workdir)
+          inception_weights="",  # .npz of the FID Inception (evaluation/inception.py)
+          reference_stats="",  # .npz with mu, sigma[, activations]; "" = data.eval_split
+          batch_size=200,  # images per Inception call
       ),
   ))
 

@@ -32,7 +32,8 @@ from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax.codec import token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
-from resgen_jax.evaluation import classifier
+from resgen_jax.evaluation import classifier, fid, inception
+from resgen_jax.evaluation import metrics as metrics_lib
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -353,18 +354,36 @@ def run_sample(config, workdir: str, mesh) -> str:
   return path
 
 
+EXTRACTOR_SETTINGS = {  # the evaluation fields each feature extractor's numbers depend on
+    "classifier": ("extractor", "classifier_steps"),
+    "inception": ("extractor", "inception_weights", "reference_stats"),
+}
+
+
+def evaluation_settings(ecfg) -> dict:
+  if ecfg.extractor not in EXTRACTOR_SETTINGS:
+    raise ValueError(f"evaluation.extractor must be one of {sorted(EXTRACTOR_SETTINGS)}, got "
+                     f"{ecfg.extractor!r}")
+  return {k: ecfg[k] for k in EXTRACTOR_SETTINGS[ecfg.extractor]}
+
+
 def run_evaluate(config, workdir: str, mesh) -> dict:
-  """Scores the sample set of ``config.sampler`` with a classifier trained by the project on
-  the data set's own labels (no download): the fraction of samples classified as their
-  requested class, and the Frechet distance in its feature space to the held-out split;
-  the same numbers for real held-out images are the reference. Writes
-  ``DIR/samples/<tag>_eval.json`` once (an existing one is kept)."""
+  """Scores the sample set of ``config.sampler`` and writes ``DIR/samples/<tag>_eval.json``
+  once (an existing one is kept). ``evaluation.extractor`` picks the features:
+
+  * ``classifier``: a classifier trained by the project on the data set's own labels (no
+    download): class agreement of the samples, and Frechet distance, precision and recall
+    in its feature space against the held-out split; the same for real held-out images;
+  * ``inception``: the FID Inception (weights from ``evaluation.inception_weights``): FID,
+    Inception Score and precision/recall against ``evaluation.reference_stats`` or the
+    held-out split, streaming the samples in batches.
+  """
   del mesh
   samples = samples_path(config, workdir)
   out = os.path.splitext(samples)[0] + "_eval.json"
   if not os.path.exists(samples):
     raise FileNotFoundError(f"no samples at {samples}; run the 'sample' stage first")
-  settings = config.evaluation.to_dict()
+  settings = evaluation_settings(config.evaluation)
   if os.path.exists(out):
     with open(out) as f:
       report = json.load(f)
@@ -373,30 +392,55 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
           f"{out} was computed with evaluation settings {report.get('evaluation')}, not "
           f"{settings}; it is kept as it is: move it away to evaluate again")
     return report
-  if config.evaluation.extractor != "classifier":
-    raise ValueError(f"evaluation.extractor must be 'classifier', got "
-                     f"{config.evaluation.extractor!r}")
   report = {}
   if jax.process_index() == 0:  # host-side and local-device work only
-    classes = config.data.num_classes
-    classifier_file = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
-    params = classifier.get_or_train_classifier(
-        os.path.join(workdir, EVALUATION_DIR, classifier_file), config.data, classes,
-        num_steps=config.evaluation.classifier_steps, seed=config.seed)
-    real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
-    train_images, _ = data_lib.load_all(config.data, config.data.train_split)
-    evaluator = classifier.ClassifierEvaluator(params, classes, real_images, real_labels,
-                                               baseline_images=train_images)
-    with np.load(samples, allow_pickle=False) as data:
-      generated = evaluator.evaluate(data["arr_0"], data["labels"])
-      count = int(data["labels"].shape[0])
-    report = {"samples": samples, "num_samples": count, "generated": generated,
-              "real_heldout": evaluator.reference(), "evaluation": settings}
+    evaluate = (_evaluate_with_inception if config.evaluation.extractor == "inception"
+                else _evaluate_with_classifier)
+    report = dict(evaluate(config, workdir, samples), samples=samples, evaluation=settings)
     files.save_json(out, report)
-    for name, scores in (("samples", generated), ("real held-out", report["real_heldout"])):
-      logging.info("%s: class agreement %.3f, Frechet distance %.3f, precision %.3f, "
-                   "recall %.3f", name, scores["class_agreement"], scores["frechet_distance"],
-                   scores["precision"], scores["recall"])
+    for name in ("generated", "real_heldout"):
+      logging.info("%s: %s", name, ", ".join(f"{k} {v:.4g}"
+                                             for k, v in report.get(name, {}).items()))
+  return report
+
+
+def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
+  classes = config.data.num_classes
+  classifier_file = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
+  params = classifier.get_or_train_classifier(
+      os.path.join(workdir, EVALUATION_DIR, classifier_file), config.data, classes,
+      num_steps=config.evaluation.classifier_steps, seed=config.seed)
+  real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
+  train_images, _ = data_lib.load_all(config.data, config.data.train_split)
+  evaluator = classifier.ClassifierEvaluator(params, classes, real_images, real_labels,
+                                             baseline_images=train_images)
+  with np.load(samples, allow_pickle=False) as data:
+    generated = evaluator.evaluate(data["arr_0"], data["labels"])
+    count = int(data["labels"].shape[0])
+  return {"num_samples": count, "generated": generated,
+          "real_heldout": evaluator.reference()}
+
+
+def _evaluate_with_inception(config, workdir: str, samples: str) -> dict:
+  del workdir
+  ecfg = config.evaluation
+  if not ecfg.inception_weights:
+    raise ValueError("evaluation.extractor='inception' needs evaluation.inception_weights: "
+                     f"{inception.EXPECTED}")
+  extract = fid.InceptionFeatures(ecfg.inception_weights)
+  features, logits = extract(fid.npz_member_batches(samples, "arr_0", ecfg.batch_size))
+  report = {"num_samples": int(features.shape[0])}
+  if ecfg.reference_stats:
+    reference = fid.load_reference(ecfg.reference_stats)
+  else:
+    real = (b["image"][b["valid"]] for b in data_lib.eval_batches(
+        config.data, config.data.eval_split, ecfg.batch_size))
+    real_features, real_logits = extract(real)
+    reference = fid.reference_from_features(real_features)
+    splits = min(metrics_lib.IS_SPLITS, real_features.shape[0])
+    report["real_heldout"] = dict(zip(("inception_score", "inception_score_std"),
+                                      metrics_lib.inception_score(real_logits, splits)))
+  report["generated"] = fid.score(features, logits, reference)
   return report
 
 

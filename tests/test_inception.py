@@ -14,12 +14,11 @@ from resgen_jax.evaluation import inception
 FID_INCEPTION_PARAMETERS = 23_834_568 + 8 * 2049
 
 
-@pytest.fixture(scope="module")
-def variables():
+def random_variables(seed=0):
+  """Random FID Inception weights (He-scaled kernels, positive variances), so every layer
+  matters to the output."""
   abstract = inception.abstract_variables()
-  rng = np.random.default_rng(0)
-  # Random weights with unit-variance activations (He-scaled kernels, positive variances),
-  # so every layer matters to the output.
+  rng = np.random.default_rng(seed)
   def draw(path, x):
     name = jax.tree_util.keystr(path)
     if "var" in name:
@@ -27,6 +26,11 @@ def variables():
     fan_in = np.prod(x.shape[:-1]) if x.ndim > 1 else 1
     return jnp.asarray(rng.normal(size=x.shape) * np.sqrt(2.0 / fan_in), jnp.float32)
   return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def variables():
+  return random_variables()
 
 
 @pytest.fixture(scope="module")
