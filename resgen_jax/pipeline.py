@@ -154,6 +154,29 @@ def run_tokenizer(config, workdir: str, mesh) -> None:
   write_tokenizer_report(task, result.state, config, workdir, full_eval, example, mesh)
 
 
+def codebook_usage(task: TokenizerTask, state, batches: Iterable[dict], mesh) -> dict:
+  """How the codes of ``batches`` use each depth's codebook: the fraction of codes used
+  (``usage_by_depth``) and the perplexity ``exp(entropy)`` of their frequencies
+  (``perplexity_by_depth``, at most the codebook size)."""
+  encode = jax.jit(task.tok.encode, out_shardings=mesh_lib.replicated(mesh))
+  params = state.params["autoencoder"]
+  books = state.model_state["codebook"].codebooks
+  size, depth = task.tok.codebook_size, task.tok.depth
+  counts = np.zeros((depth, size), np.int64)
+  for local in batches:
+    batch = mesh_lib.global_batch(local, mesh)
+    codes = np.asarray(encode(params, books, batch["image"]))  # [B, h, w, D], whole
+    valid = np.asarray(jax.jit(lambda v: v, out_shardings=mesh_lib.replicated(mesh))(
+        batch["valid"]))
+    for j in range(depth):
+      counts[j] += np.bincount(codes[valid][..., j].ravel(), minlength=size)
+  freq = counts / counts.sum(axis=1, keepdims=True)
+  entropy = -np.sum(np.where(freq > 0, freq * np.log(np.where(freq > 0, freq, 1.0)), 0.0),
+                    axis=1)
+  return {"usage_by_depth": [float(u) for u in (counts > 0).mean(axis=1)],
+          "perplexity_by_depth": [float(p) for p in np.exp(entropy)]}
+
+
 def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
                            full_eval: Callable[[], Iterable[dict]], example: dict,
                            mesh) -> dict:
@@ -166,8 +189,12 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
       return json.load(f)
   eval_step = jax.jit(trainer.make_eval_step(task))
   metrics = trainer.evaluate(eval_step, state, task.constants(), full_eval(), mesh)
+  depths = range(1, task.tok.depth + 1)
   report = {"step": int(state.step), "eval_split": config.data.eval_split,
-            "psnr_by_depth": [metrics[f"psnr_d{j + 1}"] for j in range(task.tok.depth)]}
+            "psnr_by_depth": [metrics[f"psnr_d{j}"] for j in depths]}
+  if "ssim_d1" in metrics:  # images of at least SSIM_WINDOW pixels a side
+    report["ssim_by_depth"] = [metrics[f"ssim_d{j}"] for j in depths]
+  report.update(codebook_usage(task, state, full_eval(), mesh))
   # Computed by every process (the parameters are global arrays), written by process 0.
   reconstruct = jax.jit(
       lambda p, b, images: (images[:RECON_EXAMPLES], prefix_reconstructions(
@@ -180,8 +207,9 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
     image_utils.save_png(os.path.join(stage_dir, RECON_FILE),
                          image_utils.grid(np.concatenate(rows), RECON_EXAMPLES))
     files.save_json(path, report)
-  logging.info("tokenizer PSNR by depth prefix: %s",
-               ", ".join(f"{p:.2f}" for p in report["psnr_by_depth"]))
+  for name in ("psnr_by_depth", "ssim_by_depth", "usage_by_depth", "perplexity_by_depth"):
+    if name in report:
+      logging.info("tokenizer %s: %s", name, ", ".join(f"{v:.3f}" for v in report[name]))
   return report
 
 

@@ -50,6 +50,16 @@ def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
   assert report["step"] == TRAINED_STEPS and len(psnr) == 3
   assert all(b >= a for a, b in zip(psnr, psnr[1:])), psnr
   assert psnr[-1] > psnr[0] + 0.5, psnr
+  ssim = report["ssim_by_depth"]  # 16 x 16 digits: a 6 x 6 map of 11 x 11 windows
+  assert len(ssim) == 3 and all(0.0 < v <= 1.0 for v in ssim) and ssim[-1] > ssim[0], ssim
+  # Codebook use over the eval split, from the cached eval codes (16 codes per book).
+  codes = np.load(token_cache.shard_path(trained, "test", 0, 1))["codes"]
+  for j in range(3):
+    used = np.unique(codes[..., j]).size
+    assert report["usage_by_depth"][j] == used / 16
+    freq = np.bincount(codes[..., j].ravel(), minlength=16) / codes[..., j].size
+    entropy = -sum(p * np.log(p) for p in freq if p > 0)
+    assert report["perplexity_by_depth"][j] == pytest.approx(np.exp(entropy), rel=1e-9)
   assert os.path.exists(os.path.join(trained, "tokenizer", pipeline.RECON_FILE))
   rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r and r["stage"] == "tokenizer"] == [

@@ -169,3 +169,35 @@ def test_paper_imagenet_tokenizer_builds_an_8x8_grid():
   assert codes.shape == (2, 8, 8, 16)
   n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert 30e6 < n_params < 150e6, n_params  # RQ-VAE's ImageNet autoencoder is ~70M
+
+
+def slow_ssim(a, b):
+  """Wang et al.'s SSIM by explicit windows: Gaussian-weighted statistics at every valid
+  11 x 11 position of every channel, images in [0, 1]."""
+  g = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+  w = np.outer(g, g) / np.outer(g, g).sum()
+  h, wd, c = a.shape
+  values = []
+  for ch in range(c):
+    for i in range(h - 10):
+      for j in range(wd - 10):
+        x, y = a[i:i + 11, j:j + 11, ch], b[i:i + 11, j:j + 11, ch]
+        mx, my = (w * x).sum(), (w * y).sum()
+        vx, vy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum()
+        cxy = (w * (x - mx) * (y - my)).sum()
+        values.append(((2 * mx * my + 1e-4) * (2 * cxy + 9e-4))
+                      / ((mx ** 2 + my ** 2 + 1e-4) * (vx + vy + 9e-4)))
+  return np.mean(values)
+
+
+def test_ssim_matches_a_windowed_reference():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(2, 16, 14, 3))
+  noisy = np.clip(x + rng.normal(scale=0.2, size=x.shape), 0, 1)
+  got = np.asarray(image_utils.ssim(jnp.asarray(noisy * 2 - 1), jnp.asarray(x * 2 - 1)))
+  for k in range(2):
+    assert got[k] == pytest.approx(slow_ssim(noisy[k], x[k]), rel=1e-4)
+  same = image_utils.ssim(jnp.asarray(x * 2 - 1), jnp.asarray(x * 2 - 1))
+  np.testing.assert_allclose(same, 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="at least 11 x 11"):
+    image_utils.ssim(jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))

@@ -98,8 +98,15 @@ def prefix_reconstructions(tok: Tokenizer, params, codebooks: jax.Array,
 
 def prefix_psnr(tok: Tokenizer, params, codebooks: jax.Array, images: jax.Array) -> jax.Array:
   """Reconstruction PSNR (dB, images in [0,1]) of every depth prefix. -> ``[D, B]``."""
-  return image_utils.psnr(prefix_reconstructions(tok, params, codebooks, images),
-                          image_utils.to_float(images))
+  return prefix_quality(tok, params, codebooks, images)[0]
+
+
+def prefix_quality(tok: Tokenizer, params, codebooks: jax.Array, images: jax.Array):
+  """Reconstruction PSNR (dB) and, for images of at least SSIM_WINDOW pixels a side, SSIM of
+  every depth prefix. -> ``([D, B], [D, B] or None)``."""
+  recons, x = prefix_reconstructions(tok, params, codebooks, images), image_utils.to_float(images)
+  with_ssim = min(x.shape[-3], x.shape[-2]) >= image_utils.SSIM_WINDOW
+  return image_utils.psnr(recons, x), image_utils.ssim(recons, x) if with_ssim else None
 
 
 class TokenizerTask(Task):
@@ -240,8 +247,10 @@ class TokenizerTask(Task):
   def eval_step(self, params, model_state, constants, batch):
     del constants
     valid = batch["valid"].astype(jnp.float32)
-    psnr = prefix_psnr(self.tok, params["autoencoder"], model_state["codebook"].codebooks,
-                       batch["image"])  # [D, B]
+    psnr, ssim = prefix_quality(self.tok, params["autoencoder"],
+                                model_state["codebook"].codebooks, batch["image"])  # [D, B]
     sums = {f"psnr_d{j + 1}": jnp.sum(psnr[j] * valid) for j in range(self.tok.depth)}
+    if ssim is not None:
+      sums.update({f"ssim_d{j + 1}": jnp.sum(ssim[j] * valid) for j in range(self.tok.depth)})
     sums["count"] = jnp.sum(valid)
     return sums
