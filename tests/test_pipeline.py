@@ -241,3 +241,24 @@ def test_tokenizer_refuses_gradient_accumulation(tmp_path):
   with pytest.raises(ValueError, match="tokenizer.train.grad_accum_steps must be 1"):
     pipeline.run_tokenizer(config, str(tmp_path), mesh_lib.make_mesh(("data",), (-1,)))
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_sampling_sweep_writes_rows_table_and_plot(trained):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from resgen_jax import sweep  # pylint: disable=g-import-not-at-top
+  config = trained_config()
+  rows = sweep.run_sweep(config, trained, steps=[2, 4], cfg_scales=[1.0], temperatures=[1.0],
+                         name="t")
+  assert [(r["steps"], r["cfg_scale"]) for r in rows] == [(2, 1.0), (4, 1.0)]
+  for r in rows:
+    assert r["seconds_per_image"] > 0
+    with open(os.path.splitext(r["samples"])[0] + "_eval.json") as f:
+      assert json.load(f)["generated"]["frechet_distance"] == r["frechet_distance"]
+  with open(os.path.join(trained, "sweeps", "t.json")) as f:
+    assert json.load(f) == {"metric": "frechet_distance", "rows": rows}
+  with open(os.path.join(trained, "sweeps", "t.md")) as f:
+    table = f.read().splitlines()
+  assert table[2].startswith("| T | CFG | temperature | ms / image |") and len(table) == 6
+  assert Image.open(os.path.join(trained, "sweeps", "t.png")).size == sweep.PLOT_SIZE
+  with pytest.raises(ValueError, match="at least one value"):
+    sweep.run_sweep(config, trained, steps=[], cfg_scales=[1.0], temperatures=[1.0])
