@@ -30,7 +30,7 @@ import numpy as np
 
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
-from resgen_jax.codec import token_cache
+from resgen_jax.codec import rvq, token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, fid, inception
 from resgen_jax.evaluation import metrics as metrics_lib
@@ -170,11 +170,9 @@ def codebook_usage(task: TokenizerTask, state, batches: Iterable[dict], mesh) ->
         batch["valid"]))
     for j in range(depth):
       counts[j] += np.bincount(codes[valid][..., j].ravel(), minlength=size)
-  freq = counts / counts.sum(axis=1, keepdims=True)
-  entropy = -np.sum(np.where(freq > 0, freq * np.log(np.where(freq > 0, freq, 1.0)), 0.0),
-                    axis=1)
-  return {"usage_by_depth": [float(u) for u in (counts > 0).mean(axis=1)],
-          "perplexity_by_depth": [float(p) for p in np.exp(entropy)]}
+  usage = rvq.usage_from_counts(counts.astype(np.float64), xp=np)
+  return {"usage_by_depth": [float(u) for u in usage["usage"]],
+          "perplexity_by_depth": [float(p) for p in usage["perplexity"]]}
 
 
 def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,

@@ -363,8 +363,14 @@ def code_usage_metrics(codes: Array, mask: Array, codebook_size: int) -> dict:
   Returns:
     ``{"usage": [D], "perplexity": [D]}``.
   """
-  counts = code_counts(codes, mask, codebook_size)  # [D, V]
-  probs = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)),
-                               0.0), axis=-1)
-  return {"usage": jnp.mean(counts > 0, axis=-1), "perplexity": jnp.exp(entropy)}
+  return usage_from_counts(code_counts(codes, mask, codebook_size))
+
+
+def usage_from_counts(counts: Array, xp=jnp) -> dict:
+  """Code counts ``[D, V]`` -> ``{"usage": [D], "perplexity": [D]}``: the fraction of codes
+  used and ``exp(entropy)`` of their frequencies, per depth. ``xp`` is jax.numpy in traced
+  code, numpy for float64 counts accumulated on the host."""
+  probs = counts / xp.maximum(counts.sum(-1, keepdims=True), 1.0)
+  entropy = -xp.sum(xp.where(probs > 0, probs * xp.log(xp.where(probs > 0, probs, 1.0)),
+                             0.0), axis=-1)
+  return {"usage": xp.mean(counts > 0, axis=-1), "perplexity": xp.exp(entropy)}
