@@ -166,8 +166,7 @@ def codebook_usage(task: TokenizerTask, state, batches: Iterable[dict], mesh) ->
   for local in batches:
     batch = mesh_lib.global_batch(local, mesh)
     codes = np.asarray(encode(params, books, batch["image"]))  # [B, h, w, D], whole
-    valid = np.asarray(jax.jit(lambda v: v, out_shardings=mesh_lib.replicated(mesh))(
-        batch["valid"]))
+    valid = mesh_lib.to_host(batch["valid"], mesh)
     for j in range(depth):
       counts[j] += np.bincount(codes[valid][..., j].ravel(), minlength=size)
   usage = rvq.usage_from_counts(counts.astype(np.float64), xp=np)
@@ -240,7 +239,7 @@ def run_encode(config, workdir: str, mesh) -> None:
     return
   params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
   # Whole on every process (an FSDP-split codebook spans hosts), for tokens/codebooks.npz.
-  host_books = np.asarray(jax.jit(lambda b: b, out_shardings=mesh_lib.replicated(mesh))(books))
+  host_books = mesh_lib.to_host(books, mesh)
   encode = jax.jit(task.tok.encode, out_shardings=mesh_lib.batch_sharding(mesh))
 
   def encode_local(batch):

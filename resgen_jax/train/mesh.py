@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -116,6 +117,17 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(mesh: Mesh):
+  return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+
+
+def to_host(tree, mesh: Mesh):
+  """Every array of ``tree`` whole, as numpy, on every process (gathering the pieces other
+  hosts hold, e.g. of an FSDP-split codebook or a batch-split mask)."""
+  return jax.device_get(_replicator(mesh)(tree))
 
 
 def replicated_host_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
