@@ -106,8 +106,13 @@ def tokenizer_config() -> ml_collections.ConfigDict:
 
 
 def generator_config() -> ml_collections.ConfigDict:
-  """The ResGen generator (method.md sections 2-4). Defaults are a small model."""
+  """The ResGen generator (method.md sections 2-4) or a baseline on the same tokens.
+  Defaults are a small model."""
   return ml_collections.ConfigDict(dict(
+      # resgen (the mixture head over hidden sums), direct (same masked backbone and schedule,
+      # a softmax per hidden depth: MaskGIT-style), or rq_transformer (autoregressive over
+      # positions, then depths: Lee et al. 2022). Same trainer, checkpoints, CLI, evaluation.
+      family="resgen",
       model=dict(
           width=128,  # transformer width
           num_layers=4,  # transformer blocks
@@ -120,6 +125,9 @@ def generator_config() -> ml_collections.ConfigDict:
           remat_policy="",  # what remat may save: "" nothing, or a jax.checkpoint_policies name
           scan_layers=False,  # blocks under nn.scan: compile time independent of depth
           dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+      ),
+      rq=dict(  # family=rq_transformer: model.* sizes the spatial transformer
+          depth_layers=2,  # layers of the depth transformer run at every position
       ),
       loss=dict(
           kind="jensen",  # jensen (the paper's cls + reg split) or nll (exact mixture NLL)
@@ -141,7 +149,8 @@ def sampler_config() -> ml_collections.ConfigDict:
       cfg_scale=1.0,  # classifier-free guidance w; 1 = conditional only (one call/step)
       cfg_ramp="constant",  # constant w, or linear from 1 to w over the steps
       temperature=1.0,  # temperature of the component choice; 0 = most probable
-      top_p=1.0,  # nucleus over mixture components
+      top_p=1.0,  # nucleus over mixture components (baselines: over tokens)
+      top_k=0,  # baselines: keep the k most probable tokens; 0 keeps all
       confidence_temperature=1.0,  # Gumbel noise scale tau on the confidences, x (1 - t/T)
       mean_noise=0.0,  # std of Gaussian noise added to the chosen mean (embedding units)
       samples_per_class=16,  # --mode=sample draws this many images of every class
@@ -190,7 +199,12 @@ def base_config() -> ml_collections.ConfigDict:
           classifier_steps=800,  # training steps of that classifier (once per workdir)
           inception_weights="",  # .npz of the FID Inception (evaluation/inception.py)
           reference_stats="",  # .npz with mu, sigma[, activations]; "" = data.eval_split
-          batch_size=200,  # images per Inception call
+          batch_size=200,  # images per extractor call
+          # Frechet distance of proxy_samples samples (config.sampler) to the held-out split
+          # every proxy_every generator steps, logged as train/fid_proxy; 0 disables
+          proxy_every=0,
+          proxy_samples=500,
+          tokenizer_rfid=True,  # reconstruction FID per depth prefix in the tokenizer report
       ),
   ))
 

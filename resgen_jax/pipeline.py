@@ -2,19 +2,22 @@
 
 Stages:
   ``tokenizer``: trains the RVQ tokenizer (``DIR/tokenizer/``), then writes its report:
-      ``results.json`` (PSNR per depth prefix on the eval split) and ``reconstructions.png``
-      (row 1: originals; row j + 1: reconstruction from the first j depths).
+      ``results.json`` (PSNR, SSIM and reconstruction FID per depth prefix on the eval
+      split, codebook usage per depth) and ``reconstructions.png`` (row 1: originals; row
+      j + 1: reconstruction from the first j depths).
   ``encode``: encodes the train and eval splits once into ``DIR/tokens/`` for the generator.
-  ``generator``: trains ResGen on the cached tokens (``DIR/generator/``).
+  ``generator``: trains the generator (``generator.family``) on the cached tokens
+      (``DIR/generator/``), logging ``train/fid_proxy`` every ``evaluation.proxy_every``.
   ``sample``: draws class-conditional samples into ``DIR/samples/<tag>.npz`` + PNG grids.
-  ``evaluate``: class agreement and Frechet distance of those samples in the feature space
-      of a classifier trained on the data set's labels (``DIR/samples/<tag>_eval.json``).
+  ``evaluate``: scores those samples against the held-out split in the features of
+      ``evaluation.extractor`` (``DIR/samples/<tag>_eval.json``).
 
 A stage whose results exist is not run again, and nothing it wrote is overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +36,7 @@ from resgen_jax import data as data_lib
 from resgen_jax.codec import rvq, token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, fid, inception
+from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
@@ -49,6 +53,7 @@ SAMPLES_DIR = "samples"
 EVALUATION_DIR = "evaluation"
 SETTINGS_HASH_CHARS = 8  # enough to tell sample settings apart, short enough to read
 GRID_COLUMNS = 8  # images per row of the sample grids
+GRID_MAX_IMAGES = 64  # images in a class's grid (the first ones drawn)
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,10 +179,32 @@ def codebook_usage(task: TokenizerTask, state, batches: Iterable[dict], mesh) ->
           "perplexity_by_depth": [float(p) for p in usage["perplexity"]]}
 
 
+def reconstruction_fid(task: TokenizerTask, state, extractor: features_lib.Extractor,
+                       batches: Iterable[dict], mesh) -> list:
+  """Frechet distance between the reconstructions from each depth prefix and the images of
+  ``batches`` themselves, in the extractor's features (rFID with the FID Inception). -> a
+  list of D floats. Reconstructions are scored a batch at a time."""
+  reconstruct = jax.jit(lambda p, b, images: prefix_reconstructions(task.tok, p, b, images),
+                        out_shardings=mesh_lib.replicated(mesh))
+  params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
+  real, recon = [], [[] for _ in range(task.tok.depth)]
+  for local in batches:
+    batch = mesh_lib.global_batch(local, mesh)
+    valid = mesh_lib.to_host(batch["valid"], mesh)
+    images = mesh_lib.to_host(batch["image"], mesh)[valid]
+    recons = image_utils.to_uint8(reconstruct(params, books, batch["image"]))  # [D, B, ...]
+    real.append(extractor(images)[0])
+    for j in range(task.tok.depth):
+      recon[j].append(extractor(recons[j][valid])[0])
+  reference = features_lib.Reference.from_features(np.concatenate(real))
+  return [reference.frechet_distance(np.concatenate(r)) for r in recon]
+
+
 def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
                            full_eval: Callable[[], Iterable[dict]], example: dict,
                            mesh) -> dict:
-  """PSNR per depth prefix over the whole eval split and a reconstruction grid; a report
+  """PSNR, SSIM and reconstruction FID (``evaluation.tokenizer_rfid``) per depth prefix
+  over the whole eval split, codebook usage per depth, and a reconstruction grid; a report
   that exists is read back, never rewritten."""
   stage_dir = os.path.join(workdir, task.name)
   path = os.path.join(stage_dir, RESULTS_FILE)
@@ -192,6 +219,13 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
   if "ssim_d1" in metrics:  # images of at least SSIM_WINDOW pixels a side
     report["ssim_by_depth"] = [metrics[f"ssim_d{j}"] for j in depths]
   report.update(codebook_usage(task, state, full_eval(), mesh))
+  if config.evaluation.tokenizer_rfid:
+    if config.evaluation.extractor == "inception" and not config.evaluation.inception_weights:
+      logging.warning("no reconstruction FID: evaluation.extractor='inception' needs "
+                      "evaluation.inception_weights (or set evaluation.tokenizer_rfid=False)")
+    else:
+      report["rfid_by_depth"] = reconstruction_fid(
+          task, state, feature_extractor(config, workdir), full_eval(), mesh)
   # Computed by every process (the parameters are global arrays), written by process 0.
   reconstruct = jax.jit(
       lambda p, b, images: (images[:RECON_EXAMPLES], prefix_reconstructions(
@@ -204,7 +238,8 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
     image_utils.save_png(os.path.join(stage_dir, RECON_FILE),
                          image_utils.grid(np.concatenate(rows), RECON_EXAMPLES))
     files.save_json(path, report)
-  for name in ("psnr_by_depth", "ssim_by_depth", "usage_by_depth", "perplexity_by_depth"):
+  for name in ("psnr_by_depth", "ssim_by_depth", "rfid_by_depth", "usage_by_depth",
+               "perplexity_by_depth"):
     if name in report:
       logging.info("tokenizer %s: %s", name, ", ".join(f"{v:.3f}" for v in report[name]))
   return report
@@ -274,11 +309,15 @@ def run_generator(config, workdir: str, mesh) -> None:
       token_cache.token_source(workdir, config.data.train_split, classes), gcfg.batch_size,
       config.seed, pid, count)
   eval_source = token_cache.token_source(workdir, config.data.eval_split, classes)
+  every = config.evaluation.proxy_every
+  if every < 0:
+    raise ValueError(f"evaluation.proxy_every must be >= 0 (0: off), got {every}")
+  hooks = ((every, make_fid_proxy(config, workdir, mesh, task)),) if every else ()
   result = trainer.train_and_evaluate(
       task, gcfg, workdir, train_iter,
       lambda: token_cache.sequential_token_batches(eval_source, gcfg.eval_batch_size, pid,
                                                    count, gcfg.eval_examples or None),
-      mesh, config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
+      mesh, config.seed, mesh_lib.ShardingRules.from_config(config.mesh), hooks=hooks)
   if result.preempted:
     raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
 
@@ -337,10 +376,46 @@ def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask,
   return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))
 
 
+def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task: GeneratorTask,
+                           gen_state, mesh) -> Callable:
+  """``(gen_state, labels int [n], index) -> (images uint8 [n,H,W,C], codes [n,h,w,D])``
+  for ``n <= sampler.batch_size``, compiled here for that one batch shape (shorter batches
+  are padded), so calls time sampling alone. Batch ``index`` draws from
+  ``fold_in(key(sampler.seed), index)``; ``gen_state`` may change between calls (the
+  training-time proxy) as long as its layout does not."""
+  scfg = config.sampler
+  mesh_lib.check_batch_size(scfg.batch_size, mesh)
+  draw = make_image_sampler(config, tok_task, gen_task, mesh)
+  ae_params = tok_state.params["autoencoder"]
+  codebooks = tok_state.model_state["codebook"].codebooks
+  args = lambda state, padded, index: (
+      state.eval_params(), state.model_state, ae_params, codebooks,
+      mesh_lib.replicated_host_batch(padded.astype(np.int32), mesh),
+      jax.random.fold_in(jax.random.key(scfg.seed), index))
+  compiled = draw.lower(*args(gen_state, np.zeros(scfg.batch_size, np.int32), 0)).compile()
+
+  def sample(state, labels: np.ndarray, index: int):
+    if not 0 < len(labels) <= scfg.batch_size:
+      raise ValueError(f"{len(labels)} labels for a sampler of batch size {scfg.batch_size}")
+    padded = np.pad(labels, (0, scfg.batch_size - len(labels)))  # one compiled shape
+    images, codes, _ = compiled(*args(state, padded, index))
+    return image_utils.to_uint8(images)[:len(labels)], np.asarray(codes)[:len(labels)]
+
+  return sample
+
+
+def label_batches(labels: np.ndarray, batch_size: int):
+  """``(index, labels[first:first + batch_size])`` for the batches of ``labels``."""
+  return enumerate(labels[first:first + batch_size]
+                   for first in range(0, len(labels), batch_size))
+
+
 def run_sample(config, workdir: str, mesh) -> str:
   """Draws ``sampler.samples_per_class`` images of every class; writes
-  ``DIR/samples/<tag>.npz`` (``arr_0`` uint8 [N,H,W,C], ``labels``, ``codes``) and a PNG
-  grid per class under ``DIR/samples/<tag>/``. An existing sample set is kept as it is."""
+  ``DIR/samples/<tag>.npz`` (``arr_0`` uint8 [N,H,W,C], the layout of the standard
+  ImageNet evaluator; ``labels``; ``codes``; ``seconds_per_image``) and a PNG grid per class
+  (its first GRID_MAX_IMAGES) under ``DIR/samples/<tag>/``. Images go to disk batch by
+  batch, so a 50,000-image set is never in memory. An existing sample set is kept."""
   scfg = config.sampler
   path = samples_path(config, workdir)
   if os.path.exists(path):
@@ -351,37 +426,41 @@ def run_sample(config, workdir: str, mesh) -> str:
                      f"{scfg.samples_per_class} and {scfg.batch_size}")
   tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
   gen_task, gen_state = load_generator(config, workdir, mesh)
-  mesh_lib.check_batch_size(scfg.batch_size, mesh)
-  draw = make_image_sampler(config, tok_task, gen_task, mesh)
-  ae_params = tok_state.params["autoencoder"]
-  codebooks = tok_state.model_state["codebook"].codebooks
+  sample = compiled_image_sampler(config, tok_task, tok_state, gen_task, gen_state, mesh)
   labels = np.repeat(np.arange(config.data.num_classes), scfg.samples_per_class)
-  images, codes = [], []
-  args = lambda padded, index: (
-      gen_state.eval_params(), gen_state.model_state, ae_params, codebooks,
-      mesh_lib.replicated_host_batch(padded.astype(np.int32), mesh),
-      jax.random.fold_in(jax.random.key(scfg.seed), index))
-  # Compiled ahead of the loop, so the timing below is sampling alone.
-  draw = draw.lower(*args(np.zeros(scfg.batch_size, np.int32), 0)).compile()
-  start = time.time()
-  for index, first in enumerate(range(0, len(labels), scfg.batch_size)):
-    chunk = labels[first:first + scfg.batch_size]
-    padded = np.pad(chunk, (0, scfg.batch_size - len(chunk)))  # one compiled shape
-    out = draw(*args(padded, index))
-    images.append(image_utils.to_uint8(out[0])[:len(chunk)])
-    codes.append(np.asarray(out[1])[:len(chunk)])
-  seconds = time.time() - start
-  images, codes = np.concatenate(images), np.concatenate(codes)
-  if jax.process_index() == 0:
-    tag_dir = os.path.splitext(path)[0]
-    for c in range(config.data.num_classes):
-      image_utils.save_png(os.path.join(tag_dir, f"class_{c:04d}.png"),
-                           image_utils.grid(images[labels == c], GRID_COLUMNS))
-    files.save_npz(path, arr_0=images, labels=labels.astype(np.int32), codes=codes,
-                   seconds_per_image=np.float64(seconds / len(images)))
+  size, (h, w) = config.data.image_size, tok_task.tok.grid_shape(config.data.image_size)
+  channels = tok_task.tok.autoencoder.image_channels
+  writer = process_zero_npz(path, arr_0=((len(labels), size, size, channels), np.uint8),
+                            labels=((len(labels),), np.int32),
+                            codes=((len(labels), h, w, gen_task.depth), np.int32))
+  seconds = 0.0
+  with writer as out:
+    for index, chunk in label_batches(labels, scfg.batch_size):
+      start = time.time()
+      images, codes = sample(gen_state, chunk, index)
+      seconds += time.time() - start
+      first = index * scfg.batch_size
+      if out is not None:
+        out["arr_0"][first:first + len(chunk)] = images
+        out["codes"][first:first + len(chunk)] = codes
+    if out is not None:
+      out["labels"][:] = labels
+      out.small["seconds_per_image"] = np.float64(seconds / len(labels))
+      tag_dir = os.path.splitext(path)[0]
+      for c in range(config.data.num_classes):
+        rows = np.flatnonzero(labels == c)[:GRID_MAX_IMAGES]
+        image_utils.save_png(os.path.join(tag_dir, f"class_{c:04d}.png"),
+                             image_utils.grid(out["arr_0"][rows], GRID_COLUMNS))
   logging.info("wrote %d samples to %s in %.1f s (%.2f ms per image, compile excluded)",
-               len(images), path, seconds, 1e3 * seconds / len(images))
+               len(labels), path, seconds, 1e3 * seconds / len(labels))
   return path
+
+
+def process_zero_npz(path: str, **specs):
+  """A :class:`files.StreamingNpz` on process 0; elsewhere a context that yields None."""
+  if jax.process_index() == 0:
+    return files.StreamingNpz(path, **specs)
+  return contextlib.nullcontext()
 
 
 EXTRACTOR_SETTINGS = {  # the evaluation fields each feature extractor's numbers depend on
@@ -434,44 +513,95 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   return report
 
 
+def classifier_params(config, workdir: str):
+  """The project's classifier of this workdir (trained on the first call, then read)."""
+  name = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
+  return classifier.get_or_train_classifier(
+      os.path.join(workdir, EVALUATION_DIR, name), config.data, config.data.num_classes,
+      num_steps=config.evaluation.classifier_steps, seed=config.seed)
+
+
+def feature_extractor(config, workdir: str) -> features_lib.Extractor:
+  """The extractor ``evaluation.extractor`` names (see :mod:`features`)."""
+  ecfg = config.evaluation
+  evaluation_settings(ecfg)  # validates the name
+  if ecfg.extractor == "inception":
+    if not ecfg.inception_weights:
+      raise ValueError("evaluation.extractor='inception' needs evaluation.inception_weights: "
+                       f"{inception.EXPECTED}")
+    return fid.InceptionFeatures(ecfg.inception_weights)
+  return features_lib.ClassifierFeatures(classifier_params(config, workdir),
+                                         config.data.num_classes, config.evaluation.batch_size)
+
+
+def heldout_features(config, extractor: features_lib.Extractor):
+  """Features and logits of every real image of ``data.eval_split`` (whole on every
+  process), ``evaluation.batch_size`` images at a time."""
+  real = (b["image"][b["valid"]] for b in data_lib.eval_batches(
+      config.data, config.data.eval_split, config.evaluation.batch_size))
+  return features_lib.extract(extractor, real)
+
+
 def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
   classes = config.data.num_classes
-  classifier_file = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
-  params = classifier.get_or_train_classifier(
-      os.path.join(workdir, EVALUATION_DIR, classifier_file), config.data, classes,
-      num_steps=config.evaluation.classifier_steps, seed=config.seed)
+  params = classifier_params(config, workdir)
   real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
   train_images, _ = data_lib.load_all(config.data, config.data.train_split)
   evaluator = classifier.ClassifierEvaluator(params, classes, real_images, real_labels,
                                              baseline_images=train_images)
   with np.load(samples, allow_pickle=False) as data:
-    generated = evaluator.evaluate(data["arr_0"], data["labels"])
-    count = int(data["labels"].shape[0])
-  return {"num_samples": count, "generated": generated,
+    labels = data["labels"]
+  generated = evaluator.evaluate_batches(
+      fid.npz_member_batches(samples, "arr_0", config.evaluation.batch_size), labels)
+  return {"num_samples": int(labels.shape[0]), "generated": generated,
           "real_heldout": evaluator.reference()}
 
 
 def _evaluate_with_inception(config, workdir: str, samples: str) -> dict:
-  del workdir
   ecfg = config.evaluation
-  if not ecfg.inception_weights:
-    raise ValueError("evaluation.extractor='inception' needs evaluation.inception_weights: "
-                     f"{inception.EXPECTED}")
-  extract = fid.InceptionFeatures(ecfg.inception_weights)
-  features, logits = extract(fid.npz_member_batches(samples, "arr_0", ecfg.batch_size))
+  extract = feature_extractor(config, workdir)
+  features, logits = features_lib.extract(
+      extract, fid.npz_member_batches(samples, "arr_0", ecfg.batch_size))
   report = {"num_samples": int(features.shape[0])}
   if ecfg.reference_stats:
     reference = fid.load_reference(ecfg.reference_stats)
   else:
-    real = (b["image"][b["valid"]] for b in data_lib.eval_batches(
-        config.data, config.data.eval_split, ecfg.batch_size))
-    real_features, real_logits = extract(real)
-    reference = fid.reference_from_features(real_features)
+    real_features, real_logits = heldout_features(config, extract)
+    reference = features_lib.Reference.from_features(real_features)
     splits = min(metrics_lib.IS_SPLITS, real_features.shape[0])
     report["real_heldout"] = dict(zip(("inception_score", "inception_score_std"),
                                       metrics_lib.inception_score(real_logits, splits)))
   report["generated"] = fid.score(features, logits, reference)
   return report
+
+
+def make_fid_proxy(config, workdir: str, mesh, gen_task: GeneratorTask) -> Callable:
+  """``state -> {"fid_proxy": d}``: the Frechet distance between ``evaluation.proxy_samples``
+  images sampled from the generator ``state`` (``config.sampler`` settings, classes in
+  turn, the same seed every call) and the real held-out images, in the features of
+  ``evaluation.extractor``. Samples go from the sampler to the extractor batch by batch.
+  Compiles on its first call."""
+  count = config.evaluation.proxy_samples
+  if count < 2:
+    raise ValueError(f"evaluation.proxy_samples must be >= 2 (a covariance), got {count}")
+  tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
+  extractor = feature_extractor(config, workdir)
+  reference = features_lib.Reference.from_features(heldout_features(config, extractor)[0])
+  # Classes in turn, sorted: with count = C x samples_per_class these are the sample stage's
+  # labels, and the proxy at the last step is that stage's Frechet distance.
+  labels = np.sort(np.arange(count) % config.data.num_classes)
+  compiled = []
+
+  def proxy(state) -> dict:
+    if not compiled:
+      compiled.append(compiled_image_sampler(config, tok_task, tok_state, gen_task, state,
+                                             mesh))
+    features, _ = features_lib.extract(
+        extractor, (compiled[0](state, chunk, index)[0]
+                    for index, chunk in label_batches(labels, config.sampler.batch_size)))
+    return {"fid_proxy": reference.frechet_distance(features)}
+
+  return proxy
 
 
 STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode,

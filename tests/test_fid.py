@@ -9,6 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from resgen_jax import pipeline
+from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import fid, inception
 from resgen_jax.train import mesh as mesh_lib
 from test_inception import random_variables
@@ -84,10 +85,11 @@ def test_evaluate_with_inception_scores_against_the_held_out_split(workdir):
 
 def test_reference_statistics_from_a_file_give_the_same_fid(workdir, tmp_path):
   root, config, images = workdir
-  features, _ = fid.InceptionFeatures(config.evaluation.inception_weights)(
-      [images[:10], images[10:]])
-  reference = fid.reference_from_features(features)
-  np.savez(tmp_path / "ref.npz", **reference)
+  features, _ = features_lib.extract(fid.InceptionFeatures(config.evaluation.inception_weights),
+                                     [images[:10], images[10:]])
+  reference = features_lib.Reference.from_features(features)
+  np.savez(tmp_path / "ref.npz", mu=reference.mu, sigma=reference.sigma,
+           activations=reference.activations)
   from_data = evaluate(config, root, images[::-1], "reversed")["generated"]
   config.evaluation.reference_stats = str(tmp_path / "ref.npz")
   from_file = evaluate(config, root, images[::-1], "reversed_file")["generated"]

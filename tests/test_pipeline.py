@@ -15,9 +15,11 @@ from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax import pipeline
 from resgen_jax.codec import token_cache
-from resgen_jax.codec.tokenizer import TokenizerTask
+from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
+from resgen_jax.evaluation import classifier, frechet
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
+from resgen_jax.utils import images as image_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED_STEPS = 150  # enough for the tiny tokenizer's depth prefixes to separate
@@ -32,6 +34,9 @@ def trained_config():
   config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
   config.generator.train.num_steps = 20
   config.generator.train.log_every = 10
+  # The proxy draws the sample stage's 10 x 2 images: at the last step it equals that
+  # stage's Frechet distance.
+  config.evaluation.update(proxy_every=10, proxy_samples=20)
   return config
 
 
@@ -68,6 +73,41 @@ def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
       10, 20]
   with open(os.path.join(trained, pipeline.CONFIG_FILE)) as f:
     assert json.load(f)["tokenizer"]["train"]["num_steps"] == TRAINED_STEPS
+
+
+def test_reconstruction_fid_per_depth_matches_a_direct_computation(trained):
+  """The report's rFID (batches of 128 with a padded last one, features per batch) against
+  all 297 held-out images reconstructed and featurised at once."""
+  config = trained_config()
+  with open(os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE)) as f:
+    rfid = json.load(f)["rfid_by_depth"]
+  images, labels = data_lib.load_all(config.data, "test")
+  task = TokenizerTask(config.tokenizer, 1)
+  state = trainer.load_trained_state(
+      task, config.tokenizer.train, trained,
+      {"image": jnp.asarray(images[:8]), "label": jnp.asarray(labels[:8])},
+      mesh_lib.make_mesh(("data",), (-1,)), config.seed)
+  recons = np.asarray(prefix_reconstructions(task.tok, state.params["autoencoder"],
+                                             state.model_state["codebook"].codebooks,
+                                             jnp.asarray(images)))
+  params = pipeline.classifier_params(config, trained)
+  features = lambda x: classifier.predict(params, 10, x, batch_size=len(x))[1]
+  real = frechet.gaussian_stats(features(images))
+  expected = [frechet.frechet_distance(*frechet.gaussian_stats(
+      features(image_utils.to_uint8(r))), *real) for r in recons]
+  assert rfid == pytest.approx(expected, rel=1e-3)
+  assert rfid[-1] < rfid[0], rfid  # finer codes, closer to the data
+
+
+def test_fid_proxy_is_logged_and_ends_at_the_sample_sets_distance(trained):
+  config = trained_config()
+  rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
+  proxy = {r["step"]: r["train/fid_proxy"] for r in rows if "train/fid_proxy" in r}
+  assert sorted(proxy) == [10, 20] and all(v > 0 for v in proxy.values())
+  samples = pipeline.samples_path(config, trained)
+  with open(os.path.splitext(samples)[0] + "_eval.json") as f:
+    sampled = json.load(f)["generated"]["frechet_distance"]
+  assert proxy[20] == pytest.approx(sampled, rel=1e-5)
 
 
 def test_cached_codes_are_the_tokenizers_codes(trained):

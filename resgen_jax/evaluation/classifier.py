@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -319,7 +319,14 @@ class ClassifierEvaluator:
     return predict(self.params, self.num_classes, images, self.batch_size)
 
   def evaluate(self, images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    """Generated uint8 ``[N, H, W, C]`` for requested classes ``[N]`` -> their scores.
+    """Generated uint8 ``[N, H, W, C]`` for requested classes ``[N]`` -> their scores (see
+    :meth:`evaluate_batches`)."""
+    return self.evaluate_batches([images], labels)
+
+  def evaluate_batches(self, image_batches: Iterable[np.ndarray],
+                       labels: np.ndarray) -> Dict[str, float]:
+    """Generated uint8 batches ``[n, H, W, C]`` (N images in all, scored a batch at a time)
+    for requested classes ``[N]`` -> their scores.
 
     Returns:
       ``class_agreement``: fraction classified as the requested class;
@@ -327,7 +334,12 @@ class ClassifierEvaluator:
       ``precision``, ``recall``: k-NN manifold precision and recall against the reference
       features (needs N > k, see :mod:`metrics`).
     """
-    logits, features = self._predict(images, "images")
+    logits, features = [], []
+    for images in image_batches:
+      batch_logits, batch_features = self._predict(images, "images")
+      logits.append(batch_logits)
+      features.append(batch_features)
+    logits, features = np.concatenate(logits), np.concatenate(features)
     labels = _check_labels(labels, self.num_classes, logits.shape[0], "labels")
     return dict(class_agreement=_agreement(logits, labels),
                 frechet_distance=frechet.frechet_distance(*frechet.gaussian_stats(features),

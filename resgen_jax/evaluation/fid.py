@@ -10,12 +10,13 @@ set or read from an ``.npz`` of the usual reference batches (``mu`` ``[2048]``, 
 from __future__ import annotations
 
 import zipfile
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
 
-from resgen_jax.evaluation import frechet, inception, metrics
+from resgen_jax.evaluation import features as features_lib
+from resgen_jax.evaluation import inception, metrics
 
 Array = np.ndarray
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -44,60 +45,44 @@ def npz_member_batches(path: str, name: str, batch_size: int) -> Iterator[Array]
 
 
 class InceptionFeatures:
-  """Batches of uint8 images ``[n, H, W, 3]`` -> features ``[N, 2048]`` and logits
-  ``[N, 1008]`` (float64 on the host), through the jitted FID Inception."""
+  """The FID Inception as an extractor (:mod:`features`): uint8 images ``[n, H, W, C]`` ->
+  pool features ``[n, 2048]`` and logits ``[n, 1008]`` (float64 on the host)."""
 
   def __init__(self, weights_path: str):
     self.variables = inception.load_params(weights_path)
     self._forward: Callable = jax.jit(inception.FIDInception().apply)
 
-  def __call__(self, image_batches: Iterable[Array]):
-    features, logits = [], []
-    for images in image_batches:
-      images = np.asarray(images)
-      if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 [n, H, W, C], got {images.dtype} "
-                         f"{images.shape}")
-      if images.shape[-1] == 1:  # grayscale data sets: the usual tools repeat the channel
-        images = np.repeat(images, 3, axis=-1)
-      f, l = self._forward(self.variables, images)
-      features.append(np.asarray(f, np.float64))
-      logits.append(np.asarray(l, np.float64))
-    if not features:
-      raise ValueError("no images to score")
-    return np.concatenate(features), np.concatenate(logits)
+  def __call__(self, images) -> Tuple[Array, Array]:
+    images = features_lib.check_images(images)
+    if images.shape[-1] == 1:  # grayscale data sets: the usual tools repeat the channel
+      images = np.repeat(images, 3, axis=-1)
+    f, l = self._forward(self.variables, images)
+    return np.asarray(f, np.float64), np.asarray(l, np.float64)
 
 
-def load_reference(path: str) -> Dict[str, Array]:
-  """``{"mu", "sigma"[, "activations"]}`` from a reference-batch ``.npz``."""
+def load_reference(path: str) -> features_lib.Reference:
+  """The reference of a reference-batch ``.npz`` (``mu``, ``sigma``[, ``activations``])."""
   with np.load(path, allow_pickle=False) as data:
     if "mu" not in data.files or "sigma" not in data.files:
       raise ValueError(f"{path} must hold 'mu' [2048] and 'sigma' [2048, 2048] (it has "
                        f"{data.files})")
-    ref = {"mu": np.asarray(data["mu"], np.float64),
-           "sigma": np.asarray(data["sigma"], np.float64)}
-    if "activations" in data.files:
-      ref["activations"] = np.asarray(data["activations"], np.float64)
+    ref = features_lib.Reference(
+        mu=np.asarray(data["mu"], np.float64), sigma=np.asarray(data["sigma"], np.float64),
+        activations=(np.asarray(data["activations"], np.float64)
+                     if "activations" in data.files else None))
   dim = inception.FEATURES
-  if ref["mu"].shape != (dim,) or ref["sigma"].shape != (dim, dim):
-    raise ValueError(f"{path}: mu {ref['mu'].shape} and sigma {ref['sigma'].shape} must be "
+  if ref.mu.shape != (dim,) or ref.sigma.shape != (dim, dim):
+    raise ValueError(f"{path}: mu {ref.mu.shape} and sigma {ref.sigma.shape} must be "
                      f"[{dim}] and [{dim}, {dim}] (FID Inception pool features)")
   return ref
 
 
-def reference_from_features(features: Array) -> Dict[str, Array]:
-  mu, sigma = frechet.gaussian_stats(features)
-  return {"mu": mu, "sigma": sigma, "activations": features}
-
-
-def score(features: Array, logits: Array, reference: Dict[str, Array],
+def score(features: Array, logits: Array, reference: features_lib.Reference,
           is_splits: Optional[int] = None) -> Dict[str, float]:
   """FID against ``reference``, Inception Score, and precision/recall when the reference
   has activations."""
-  out = {"fid": frechet.frechet_distance(*frechet.gaussian_stats(features),
-                                         reference["mu"], reference["sigma"])}
+  out = {"fid": reference.frechet_distance(features)}
   splits = is_splits or min(metrics.IS_SPLITS, features.shape[0])
   out["inception_score"], out["inception_score_std"] = metrics.inception_score(logits, splits)
-  if "activations" in reference:
-    out.update(metrics.precision_recall(reference["activations"], features))
+  out.update(reference.precision_recall(features))
   return out

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -347,7 +347,9 @@ def _mean_metrics(history: list) -> dict:
 def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
                        train_iter: Iterator[dict], eval_batches: Callable[[], Iterable[dict]],
                        mesh, seed: int,
-                       rules: mesh_lib.ShardingRules = mesh_lib.ShardingRules()) -> TrainResult:
+                       rules: mesh_lib.ShardingRules = mesh_lib.ShardingRules(),
+                       hooks: Sequence[Tuple[int, Callable[[TrainState], dict]]] = ()
+                       ) -> TrainResult:
   """Trains ``task`` as ``cfg`` (a ``train`` config) says, resuming from ``workdir/<stage>``.
 
   Args:
@@ -361,6 +363,9 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
     seed: the run's seed.
     rules: how the state is laid out on ``mesh`` (default: replicated, or split over an
       ``fsdp`` axis); a checkpoint saved with any layout resumes with this one.
+    hooks: ``(every, fn)`` pairs: every ``every`` steps and at the end, ``fn(state)``
+      returns scalars logged beside the train metrics as ``train/<name>`` (e.g. the
+      generator's ``fid_proxy``). Every process calls them.
 
   Returns:
     :class:`TrainResult`.
@@ -370,7 +375,7 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint_manager(stage_dir, cfg)
   try:
     return _train_with_manager(task, cfg, workdir, stage_dir, manager, train_iter,
-                               eval_batches, mesh, seed, rules)
+                               eval_batches, mesh, seed, rules, hooks)
   finally:  # on every path, errors included: pending saves land and orbax's threads stop
     manager.wait_until_finished()
     manager.close()
@@ -380,7 +385,7 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
                         stage_dir: str, manager: ocp.CheckpointManager,
                         train_iter: Iterator[dict],
                         eval_batches: Callable[[], Iterable[dict]], mesh, seed: int,
-                        rules: mesh_lib.ShardingRules) -> TrainResult:
+                        rules: mesh_lib.ShardingRules, hooks) -> TrainResult:
   """The body of :func:`train_and_evaluate`; the caller owns (and closes) ``manager``."""
   optimizer = optim.make_optimizer(cfg)
   lr_fn = optim.learning_rate_schedule(cfg)
@@ -443,6 +448,9 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
         with rules.activations(mesh):
           result = evaluate(eval_step, state, constants, eval_batches(), mesh)
         writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
+      for every, hook in hooks:
+        if done % every == 0 or done == cfg.num_steps:
+          writer.write_scalars(done, {f"train/{k}": float(v) for k, v in hook(state).items()})
       preempted = watcher.should_stop(manager, done)
       if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or preempted:
         save_state(manager, state, train_iter.get_state())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -36,3 +38,68 @@ def save_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
+
+
+# Bytes copied from a disk-backed array into the archive per write: bounded memory for any
+# array size.
+COPY_BYTES = 64 * 2 ** 20
+
+
+class StreamingNpz:
+  """Builds an ``.npz`` whose arrays are filled piece by piece, with memory for one piece.
+
+  Every array's shape and dtype are declared up front; each lives as a disk-backed ``.npy``
+  (``np.lib.format.open_memmap``) in a scratch directory beside ``path`` until
+  :meth:`close` writes the archive (uncompressed, zip64; ``np.load`` reads it) and renames
+  it onto ``path``. Until then ``path`` is untouched; on an error nothing is left behind.
+
+      with StreamingNpz(path, arr_0=((n, 64, 64, 3), np.uint8)) as out:
+        out["arr_0"][i:j] = batch
+  """
+
+  def __init__(self, path: str, **specs):
+    for name, (shape, _) in specs.items():
+      if len(shape) < 1:
+        raise ValueError(f"streamed array {name!r} needs a leading axis, got shape {shape}")
+    self.path = path
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    self._scratch = tempfile.mkdtemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    self.arrays = {}
+    for name, (shape, dtype) in specs.items():
+      self.arrays[name] = np.lib.format.open_memmap(
+          os.path.join(self._scratch, name + ".npy"), mode="w+", dtype=np.dtype(dtype),
+          shape=tuple(shape))
+    self.small = {}  # arrays given whole (e.g. scalars), written after the streamed ones
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.arrays[name]
+
+  def close(self) -> None:
+    """Writes the archive onto ``path`` and removes the scratch files."""
+    with atomic_write(self.path) as tmp:
+      with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in self.arrays.items():
+          with archive.open(name + ".npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(
+                member, np.lib.format.header_data_from_array_1_0(array))
+            rows = max(1, COPY_BYTES // max(1, array[:1].nbytes))
+            for start in range(0, array.shape[0], rows):
+              member.write(np.ascontiguousarray(array[start:start + rows]).tobytes())
+        for name, array in self.small.items():
+          with archive.open(name + ".npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+    self._discard()
+
+  def _discard(self) -> None:
+    self.arrays = {}  # drops the maps before their files go
+    shutil.rmtree(self._scratch, ignore_errors=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self._discard()
