@@ -33,12 +33,13 @@ import numpy as np
 
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
+from resgen_jax.baselines.direct import DirectTokenTask
+from resgen_jax.baselines.rq_transformer import RQTransformerTask
 from resgen_jax.codec import rvq, token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, fid, inception
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
-from resgen_jax.generator import sampler
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
@@ -290,11 +291,20 @@ def run_encode(config, workdir: str, mesh) -> None:
   token_cache.write_meta(workdir, meta, host_books)
 
 
+# generator.family -> its task; each trains with the shared trainer and samples through
+# ``sample_codes(params, model_state, codebooks, labels, rng, sampler_config)``.
+FAMILIES = {"resgen": GeneratorTask, "direct": DirectTokenTask,
+            "rq_transformer": RQTransformerTask}
+
+
 def make_generator_task(config, workdir: str) -> GeneratorTask:
+  family = config.generator.family
+  if family not in FAMILIES:
+    raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got {family!r}")
   meta, codebooks = token_cache.load_meta(workdir)
   h, w = meta["grid"]
-  return GeneratorTask(config.generator, codebooks, h * w, meta["depth"],
-                       config.data.num_classes)
+  return FAMILIES[family](config.generator, codebooks, h * w, meta["depth"],
+                          config.data.num_classes)
 
 
 def run_generator(config, workdir: str, mesh) -> None:
@@ -357,20 +367,14 @@ def samples_path(config, workdir: str) -> str:
 def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask,
                        mesh) -> Callable:
   """A jitted ``(gen_params, gen_state, ae_params, codebooks, labels [B], rng) ->
-  (images float [B,H,W,C], codes [B,h,w,D], reveal_step [B,h,w,D])``."""
+  (images float [B,H,W,C], codes [B,h,w,D])`` for any generator family."""
   h, w = tok_task.tok.grid_shape(config.data.image_size)
-  depth = gen_task.depth
 
   def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):  # labels batch-sharded
-    batch = labels.shape[0]
-    valid = jnp.ones((batch, h * w), bool)
-    network = gen_task.network_fn(gen_params, gen_state, codebooks, labels, valid)
-    start = jnp.zeros((batch, h * w, depth), jnp.int32)
-    out = sampler.sample(network, codebooks, start, jnp.zeros(start.shape, bool), rng,
-                         config.sampler)
-    codes = out.codes.reshape(batch, h, w, depth)
-    return (tok_task.tok.decode(ae_params, codebooks, codes), codes,
-            out.reveal_step.reshape(batch, h, w, depth))
+    codes = gen_task.sample_codes(gen_params, gen_state, codebooks, labels, rng,
+                                  config.sampler)
+    codes = codes.reshape(labels.shape[0], h, w, gen_task.depth)
+    return tok_task.tok.decode(ae_params, codebooks, codes), codes
 
   # Outputs replicated, so every process can read the whole batch.
   return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))
@@ -398,7 +402,7 @@ def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task:
     if not 0 < len(labels) <= scfg.batch_size:
       raise ValueError(f"{len(labels)} labels for a sampler of batch size {scfg.batch_size}")
     padded = np.pad(labels, (0, scfg.batch_size - len(labels)))  # one compiled shape
-    images, codes, _ = compiled(*args(state, padded, index))
+    images, codes = compiled(*args(state, padded, index))
     return image_utils.to_uint8(images)[:len(labels)], np.asarray(codes)[:len(labels)]
 
   return sample

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -79,9 +79,14 @@ def markdown_table(rows: Sequence[dict], metric: str) -> str:
   return f"Plotted: {metric} (lower is better)\n\n" + "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[dict], metric: str) -> Image.Image:
-  """A scatter of ``metric`` against milliseconds per image, each point labelled (rows
-  without a time are left out)."""
+def sweep_label(row: dict) -> str:
+  return f"T{row['steps']} w{row['cfg_scale']:g} t{row['temperature']:g}"
+
+
+def plot(rows: Sequence[dict], metric: str,
+         label: Callable[[dict], str] = sweep_label) -> Image.Image:
+  """A scatter of ``metric`` against milliseconds per image (``seconds_per_image``), each
+  point labelled by ``label(row)`` (rows without a time are left out)."""
   width, height = PLOT_SIZE
   m = PLOT_MARGIN
   image = Image.new("RGB", PLOT_SIZE, "white")
@@ -107,8 +112,7 @@ def plot(rows: Sequence[dict], metric: str) -> Image.Image:
   for r, x, y in zip(rows, xs, ys):
     px, py = to_px(x, y)
     draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill="blue")
-    draw.text((px + 6, py - 12),
-              f"T{r['steps']} w{r['cfg_scale']:g} t{r['temperature']:g}", fill="black")
+    draw.text((px + 6, py - 12), label(r), fill="black")
   return image
 
 

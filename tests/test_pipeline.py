@@ -3,6 +3,7 @@ and the command line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +109,37 @@ def test_fid_proxy_is_logged_and_ends_at_the_sample_sets_distance(trained):
   with open(os.path.splitext(samples)[0] + "_eval.json") as f:
     sampled = json.load(f)["generated"]["frechet_distance"]
   assert proxy[20] == pytest.approx(sampled, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["direct", "rq_transformer"])
+def test_baselines_share_the_stages_on_the_same_tokens(trained, tmp_path, family):
+  """One config field switches the generator: the same tokens, trainer, checkpoints,
+  sampler stage and evaluation; the workdir of another family is refused."""
+  config = trained_config()
+  config.generator.family = family
+  config.generator.train.update(num_steps=4, log_every=2)
+  config.evaluation.proxy_every = 2
+  run_dir = str(tmp_path / family)
+  for name in ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR):
+    shutil.copytree(os.path.join(trained, name), os.path.join(run_dir, name))
+  pipeline.run(config, run_dir, stages=("generator", "sample", "evaluate"))
+  samples = pipeline.samples_path(config, run_dir)
+  with np.load(samples) as data:
+    assert data["arr_0"].shape == (20, 16, 16, 1) and data["codes"].shape == (20, 4, 4, 3)
+    assert data["codes"].min() >= 0 and data["codes"].max() < 16
+  with open(os.path.splitext(samples)[0] + "_eval.json") as f:
+    assert json.load(f)["generated"]["frechet_distance"] > 0
+  rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "train/fid_proxy" in r] == [2, 4]
+  with pytest.raises(ValueError, match="generator.family"):
+    pipeline.run(trained_config(), run_dir, stages=("sample",))
+
+
+def test_unknown_family_is_a_clear_error(trained):
+  config = trained_config()
+  config.generator.family = "maskgit"
+  with pytest.raises(ValueError, match="generator.family must be one of"):
+    pipeline.make_generator_task(config, trained)
 
 
 def test_cached_codes_are_the_tokenizers_codes(trained):

@@ -19,7 +19,7 @@ B, L, K = 2, 5, 3
 def sampler_cfg(**kw):
   cfg = ml_collections.ConfigDict(dict(
       steps=6, schedule="cosine", cfg_scale=1.0, cfg_ramp="constant", temperature=1.0,
-      top_p=1.0, confidence_temperature=1.0, mean_noise=0.0))
+      top_p=1.0, top_k=0, confidence_temperature=1.0, mean_noise=0.0))
   cfg.update(kw)
   return cfg
 

@@ -7,9 +7,12 @@ count ``k_i`` (0..D), plus a learned position embedding. The class condition (id
 through adaLN-Zero (DiT). Padding positions (``valid == False``) are masked out of
 attention as keys, so they never change real positions' outputs.
 
-Output per position: logits ``[K]`` and means ``[K, d]`` of a K-component mixture; means go
-through a low-rank projection (width -> K x r -> d, the r -> d map shared by components)
-followed by a learned per-dimension scale and shift.
+Output per position (``head="mixture"``, ResGen): logits ``[K]`` and means ``[K, d]`` of a
+K-component mixture; means go through a low-rank projection (width -> K x r -> d, the r -> d
+map shared by components) followed by a learned per-dimension scale and shift.
+
+``head="tokens"`` is the direct-token baseline on the same backbone: logits ``[D, V]``, a
+softmax over the V codes of every depth (only hidden depths are trained and sampled).
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ class ResGenTransformer(nn.Module):
   remat_policy: str = ""  # see block_class
   scan_layers: bool = False  # blocks under nn.scan: one compiled body, params [layers, ...]
   dtype: jnp.dtype = jnp.float32
+  head: str = "mixture"  # mixture (ResGen) or tokens (a softmax per depth, the baseline)
+  codebook_size: int = 0  # V, for head="tokens"
 
   @nn.compact
   def __call__(self, visible_sum: Array, hidden: Array, labels: Array,
@@ -143,7 +148,8 @@ class ResGenTransformer(nn.Module):
       visible_sum: ``[B, L, d]``; hidden: int ``[B, L]`` in 0..D; labels: int ``[B]`` in
       0..num_classes (num_classes = null); valid: bool ``[B, L]`` (None: all valid).
     Returns:
-      logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32).
+      ``head="mixture"``: logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32);
+      ``head="tokens"``: logits ``[B, L, D, V]`` (float32).
     """
     batch, length, _ = visible_sum.shape
     if length > self.num_positions:
@@ -173,6 +179,9 @@ class ResGenTransformer(nn.Module):
             nn.silu(cond))[:, None], 2, axis=-1)
     h = modulate(nn.LayerNorm(use_scale=False, use_bias=False, name="ln_final")(x),
                  shift, scale).astype(jnp.float32)
+    if self.head == "tokens":
+      logits = nn.Dense(self.token_depth * self.codebook_size, name="token_logits")(h)
+      return logits.reshape(batch, length, self.token_depth, self.codebook_size)
     logits = nn.Dense(self.num_components, name="logits")(h)
     low = nn.Dense(self.num_components * self.low_rank, name="means_low_rank")(h)
     low = low.reshape(batch, length, self.num_components, self.low_rank)

@@ -17,6 +17,10 @@ call (two with classifier-free guidance) plus cheap quantization, whatever the d
 
 The network is a closure ``network_fn(codes [B,L,D], hidden [B,L], conditional: bool) ->
 (logits [B,L,K], means [B,L,K,d])``, so the loop can be tested with a fake model.
+
+Steps 1-2 are the *proposal*; :func:`unmask` runs steps 3-4 around any proposal, so the
+direct-token baseline (a softmax per hidden depth, :func:`token_proposal`) is sampled with
+exactly the same schedule and confidence rule as ResGen (:func:`mixture_proposal`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def guidance_scale(cfg_scale: float, ramp: str, t: Array, steps: int) -> Array:
 
 
 def top_p_logits(logits: Array, top_p: float) -> Array:
-  """Keeps the smallest set of components whose probability reaches ``top_p`` (the most
+  """Keeps the smallest set of entries whose probability reaches ``top_p`` (the most
   probable one always); the rest get -inf. logits ``[..., K]``."""
   if top_p >= 1.0:
     return logits
@@ -76,6 +80,45 @@ def top_p_logits(logits: Array, top_p: float) -> Array:
   keep = jnp.zeros_like(keep_sorted).at[
       tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
   return jnp.where(keep, logits, -jnp.inf)
+
+
+def top_k_logits(logits: Array, top_k: int) -> Array:
+  """Keeps the ``top_k`` largest entries of ``[..., K]`` (ties at the k-th value kept too);
+  the rest get -inf. ``top_k`` 0 (or >= K) keeps all."""
+  if top_k <= 0 or top_k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
+  """The distribution tokens are drawn from: ``logits / temperature``, then top-k, then
+  top-p (``temperature > 0``)."""
+  return top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
+
+
+def check_settings(cfg: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first sampler setting out of range."""
+  if cfg.steps < 1:
+    raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
+  if not 0.0 < cfg.top_p <= 1.0:
+    raise ValueError(f"sampler.top_p must be in (0, 1], got {cfg.top_p}")
+  if cfg.top_k < 0:
+    raise ValueError(f"sampler.top_k must be >= 0 (0: off), got {cfg.top_k}")
+  if cfg.temperature < 0:
+    raise ValueError(f"sampler.temperature must be >= 0, got {cfg.temperature}")
+  guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
+
+
+def guided(network_fn: Callable, cfg: ml_collections.ConfigDict, t: Array, *inputs):
+  """The network's outputs at step ``t`` with classifier-free guidance: every output array
+  ``o`` becomes ``o_u + w (o_c - o_u)`` (one call without guidance, ``cfg_scale == 1``)."""
+  conditional = network_fn(*inputs, True)
+  if cfg.cfg_scale == 1.0:
+    return conditional
+  unconditional = network_fn(*inputs, False)
+  w = guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, t, cfg.steps)
+  return jax.tree.map(lambda c, u: u + w * (c - u), conditional, unconditional)
 
 
 def choose_means(rng: Array, logits: Array, means: Array, temperature: float, top_p: float,
@@ -145,57 +188,90 @@ def known_prefix(known: Array) -> Array:
   return jnp.cumprod(known.astype(jnp.int32), axis=-1).astype(bool)
 
 
+def mixture_proposal(network_fn: Callable, codebooks: Array,
+                     cfg: ml_collections.ConfigDict) -> Callable:
+  """ResGen's proposal (steps 1-2): ``(codes, hidden, t, rng) -> (candidates [B,L,D],
+  log_probs [B,L,D])``; candidates at a position's hidden depths come from quantizing one
+  drawn mixture mean with those depths' codebooks."""
+
+  def propose(codes, hidden, t, rng):
+    logits, means = guided(network_fn, cfg, t, codes, hidden)
+    mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, cfg.mean_noise)
+    depth = codes.shape[-1]
+    candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - hidden)
+    return candidates.codes, candidates.log_probs
+
+  return propose
+
+
+def token_proposal(network_fn: Callable, cfg: ml_collections.ConfigDict) -> Callable:
+  """The direct-token baseline's proposal: ``network_fn(codes, hidden, conditional) ->
+  logits [B,L,D,V]``, a softmax per depth; every hidden token is drawn independently
+  (temperature, top-k, top-p; argmax at temperature 0) and its confidence is its log
+  probability under the model (before temperature and filtering), as in MaskGIT."""
+
+  def propose(codes, hidden, t, rng):
+    logits = guided(network_fn, cfg, t, codes, hidden)
+    if cfg.temperature > 0:
+      tokens = jax.random.categorical(
+          rng, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))
+    else:
+      tokens = jnp.argmax(logits, axis=-1)
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)
+    return tokens.astype(jnp.int32), log_probs[..., 0]
+
+  return propose
+
+
 def sample(network_fn: Callable, codebooks: Array, codes: Array, known: Array, rng: Array,
            cfg: ml_collections.ConfigDict) -> SampleOutput:
-  """Fills every unknown token in ``cfg.steps`` steps.
+  """ResGen sampling: :func:`unmask` with :func:`mixture_proposal`.
 
   Args:
     network_fn: ``(codes, hidden, conditional) -> (logits, means)``, see the module doc.
     codebooks: ``[C, V, d]`` tokenizer codebooks.
+    codes, known, rng, cfg: see :func:`unmask`.
+  """
+  return unmask(mixture_proposal(network_fn, codebooks, cfg), codes, known, rng, cfg)
+
+
+def unmask(propose: Callable, codes: Array, known: Array, rng: Array,
+           cfg: ml_collections.ConfigDict) -> SampleOutput:
+  """Fills every unknown token in ``cfg.steps`` steps (steps 3-4 of the module doc).
+
+  Args:
+    propose: ``(codes [B,L,D], hidden [B,L], t, rng) -> (candidates int [B,L,D],
+      log_probs [B,L,D])``, a token and its confidence for every slot (only hidden slots'
+      values are used).
     codes: int32 ``[B, L, D]`` starting grid; only entries where ``known`` are read.
     known: bool ``[B, L, D]`` tokens given by the caller (prompt, inpainting context,
       padding); a depth prefix at each position. They are never changed.
     rng: PRNG key.
     cfg: sampler config: ``steps``, ``schedule``, ``cfg_scale``, ``cfg_ramp``,
-      ``temperature``, ``top_p``, ``confidence_temperature``, ``mean_noise`` (std of the
-      noise added to the chosen mean).
+      ``temperature``, ``top_k``, ``top_p``, ``confidence_temperature``, ``mean_noise``
+      (std of the noise added to the chosen mean).
 
   Returns:
     :class:`SampleOutput`.
   """
   known = known_prefix(known)
-  if cfg.steps < 1:
-    raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
-  if not 0.0 < cfg.top_p <= 1.0:
-    raise ValueError(f"sampler.top_p must be in (0, 1], got {cfg.top_p}")
-  if cfg.temperature < 0:
-    raise ValueError(f"sampler.temperature must be >= 0, got {cfg.temperature}")
-  guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
+  check_settings(cfg)
   _, length, depth = codes.shape
   table = jnp.asarray(schedule_table(masking.schedule(cfg.schedule), cfg.steps,
                                      length * depth))
-  guided = cfg.cfg_scale != 1.0
   hidden0 = jnp.sum(~known, axis=-1).astype(jnp.int32)
   initial_total = jnp.sum(hidden0, axis=-1)  # [B]
 
   def step(state: LoopState, t):
     rng, choice_key, gumbel_key = jax.random.split(state.rng, 3)
-    logits, means = network_fn(state.codes, state.hidden, True)
-    if guided:
-      logits_u, means_u = network_fn(state.codes, state.hidden, False)
-      w = guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, t, cfg.steps)
-      logits = logits_u + w * (logits - logits_u)
-      means = means_u + w * (means - means_u)
-    mean = choose_means(choice_key, logits, means, cfg.temperature, cfg.top_p, cfg.mean_noise)
-    candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - state.hidden)
-
+    candidates, log_probs = propose(state.codes, state.hidden, t, choice_key)
     hidden_slots = masking.hidden_mask(state.hidden, depth)
     tau = cfg.confidence_temperature * (1.0 - t / cfg.steps)
-    noisy = candidates.log_probs + tau * jax.random.gumbel(gumbel_key, hidden_slots.shape)
+    noisy = log_probs + tau * jax.random.gumbel(gumbel_key, hidden_slots.shape)
     scores = jax.lax.cummin(jnp.where(hidden_slots, noisy, jnp.inf), axis=2)
     visible = reveal(scores, table[t - 1, initial_total])
     revealed = visible & hidden_slots
-    new = LoopState(codes=jnp.where(revealed, candidates.codes, state.codes),
+    new = LoopState(codes=jnp.where(revealed, candidates, state.codes),
                     hidden=jnp.sum(~visible, axis=-1).astype(jnp.int32),
                     reveal_step=jnp.where(revealed, t, state.reveal_step), rng=rng)
     return new, None

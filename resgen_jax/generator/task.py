@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from resgen_jax.codec import rvq
-from resgen_jax.generator import masking, mixture
+from resgen_jax.generator import masking, mixture, sampler
 from resgen_jax.generator.model import ResGenTransformer, block_class
 from resgen_jax.train.task import Task
 
@@ -162,3 +162,14 @@ class GeneratorTask(Task):
       return logits, means * model_state["target_rms"][hidden][..., None, None]
 
     return network
+
+  def sample_codes(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
+                   scfg: ml_collections.ConfigDict) -> jax.Array:
+    """Class-conditional samples: labels ``[B]`` -> every token, int32 ``[B, L, D]``, in
+    ``scfg.steps`` network calls (:func:`sampler.sample`). The interface every generator
+    family shares (the pipeline, sweeps and benchmarks call only this)."""
+    start = jnp.zeros((labels.shape[0], self.num_positions, self.depth), jnp.int32)
+    network = self.network_fn(params, model_state, codebooks, labels,
+                              jnp.ones(start.shape[:2], bool))
+    return sampler.sample(network, codebooks, start, jnp.zeros(start.shape, bool), rng,
+                          scfg).codes

@@ -1,0 +1,1 @@
+"""Baselines trained and sampled on the same RVQ tokens as ResGen."""
