@@ -40,7 +40,7 @@ from resgen_jax.utils import files
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTHS = (4, 8, 16)
 FAMILIES = ("resgen", "direct", "rq_transformer")
-GRID = 4 * 4  # the digits token grid (16x16 images, 4x downsampling)
+GRID_SIDE = 4  # the digits token grid (16x16 images, 4x downsampling)
 CODEBOOK_SIZE, LATENT_DIM = 64, 16  # configs/digits.py
 MAX_LAYERS = 12  # layer counts tried when matching parameter counts
 SHARED_STAGES_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
@@ -59,15 +59,16 @@ def family_config(config, family: str, num_layers: int):
   return config
 
 
-def make_task(config, depth: int):
+def make_task(config, depth: int, side: int = GRID_SIDE):
+  """The family of ``config`` on a ``side x side`` grid of depth ``depth``, random books."""
   books = np.random.default_rng(depth).normal(size=(depth, CODEBOOK_SIZE, LATENT_DIM))
   family = pipeline.FAMILIES[config.generator.family]
-  return family(config.generator, books.astype(np.float32), GRID, depth,
+  return family(config.generator, books.astype(np.float32), side * side, depth,
                 config.data.num_classes)
 
 
 def init(task, batch: int = 1):
-  example = {"codes": jnp.zeros((batch, 4, 4, task.depth), jnp.int32),
+  example = {"codes": jnp.zeros((batch, task.num_positions, task.depth), jnp.int32),
              "label": jnp.zeros((batch,), jnp.int32)}
   return task.init(jax.random.key(0), example)
 
@@ -77,10 +78,10 @@ def parameter_count(task) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def matched_config(config, family: str, depth: int, target: int):
+def matched_config(config, family: str, depth: int, target: int, side: int = GRID_SIDE):
   """The family's config whose parameter count is closest to ``target`` (by layers)."""
   candidates = [family_config(config, family, n) for n in range(1, MAX_LAYERS + 1)]
-  counts = [parameter_count(make_task(c, depth)) for c in candidates]
+  counts = [parameter_count(make_task(c, depth, side)) for c in candidates]
   best = int(np.argmin([abs(c - target) for c in counts]))
   return candidates[best], counts[best]
 
@@ -92,10 +93,11 @@ def compiled_sampler(task, params, state, batch: int, scfg):
 
 
 def peak_bytes(compiled) -> int:
+  """XLA's buffer assignment of the computation: arguments + outputs + temporaries (what
+  ``peak_memory_in_bytes`` means on GPU/TPU; the CPU backend reports less there)."""
   stats = compiled.memory_analysis()
-  return int(stats.peak_memory_in_bytes) if stats.peak_memory_in_bytes else int(
-      stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-      - stats.alias_size_in_bytes)
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def max_batch(task, params, state, scfg, budget: int, fixed: int, per_image: float) -> int:
@@ -108,9 +110,9 @@ def max_batch(task, params, state, scfg, budget: int, fixed: int, per_image: flo
 
 
 def speed_and_memory(config, family: str, depth: int, target_params: int, batch: int,
-                     repeats: int, budget: int) -> dict:
-  config, count = matched_config(config, family, depth, target_params)
-  task = make_task(config, depth)
+                     repeats: int, budget: int, side: int) -> dict:
+  config, count = matched_config(config, family, depth, target_params, side)
+  task = make_task(config, depth, side)
   params, state = init(task)
   scfg = config.sampler
   compiled = compiled_sampler(task, params, state, batch, scfg)
@@ -185,19 +187,25 @@ def targets(rows) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--grid_side", type=int, default=GRID_SIDE,
+                      help="token grid side of the speed and memory part")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--memory_budget_gb", type=float, default=1.0)
   parser.add_argument("--workdir", default="", help="run the quality comparison here")
   parser.add_argument("--train_steps", type=int, default=1500)
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
   args = parser.parse_args()
+  if args.workdir and args.grid_side != GRID_SIDE:
+    raise ValueError(f"the quality part trains on the digits grid; use --grid_side "
+                     f"{GRID_SIDE} with --workdir")
   config = digits_config()
   budget = int(args.memory_budget_gb * 2 ** 30)
   rows = []
   for depth in DEPTHS:
-    target = parameter_count(make_task(config, depth))
+    target = parameter_count(make_task(config, depth, args.grid_side))
     for family in FAMILIES:
-      row = speed_and_memory(config, family, depth, target, args.batch, args.repeats, budget)
+      row = speed_and_memory(config, family, depth, target, args.batch, args.repeats, budget,
+                             args.grid_side)
       if args.workdir:
         row.update(quality(config, family, depth, row["num_layers"], args.workdir,
                            args.train_steps))
@@ -208,9 +216,11 @@ def main():
   table = markdown(rows)
   print(table)
   print(json.dumps(summary, indent=2))
-  path = os.path.join(args.out, f"compare_{platform}")
+  path = os.path.join(args.out, f"compare_{platform}"
+                      + (f"_grid{args.grid_side}" if args.grid_side != GRID_SIDE else ""))
   files.save_json(path + ".json", {
       "platform": platform, "devices": jax.device_count(), "batch": args.batch,
+      "grid_side": args.grid_side,
       "repeats": args.repeats, "memory_budget_bytes": budget, "train_steps": args.train_steps,
       "rows": rows, "targets": summary})
   with files.atomic_write(path + ".md") as tmp, open(tmp, "w") as f:

@@ -27,7 +27,6 @@ import time
 from typing import Callable, Dict, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

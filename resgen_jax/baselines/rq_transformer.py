@@ -44,10 +44,10 @@ import ml_collections
 import numpy as np
 
 from resgen_jax.codec import rvq
-from resgen_jax.generator.model import MLP_AXES, RESIDUAL_AXES, block_class, modulate
+from resgen_jax.generator.model import (RESIDUAL_AXES, adaln_mlp, adaln_modulation, adaln_norm,
+                                        block_class, modulate)
 from resgen_jax.generator import sampler
-from resgen_jax.generator.task import DTYPES
-from resgen_jax.train.task import Task
+from resgen_jax.generator.task import DTYPES, TokenTask
 
 Array = jax.Array
 KVCache = Tuple[Array, Array]  # keys and values of one block, each [B, T, heads, head_dim]
@@ -110,20 +110,12 @@ class CausalBlock(nn.Module):
   def __call__(self, x: Array, cond: Array, cache: Optional[KVCache], index, train: bool):
     """x ``[B, S, W]``, cond ``[B, W]``; cache and index as in CausalSelfAttention.
     Returns ``(x [B, S, W], keys and values)``."""
-    mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="modulation")(nn.silu(cond))[:, None]
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype,
-                                     name=name)
+    shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(cond, self.width,
+                                                                    self.dtype)
     h, kv = CausalSelfAttention(self.num_heads, self.dropout, self.dtype, name="attn")(
-        modulate(norm("ln_attn")(x), shift1, scale1), cache, index, train)
-    x = x + gate1 * h
-    h = modulate(norm("ln_mlp")(x), shift2, scale2)
-    h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, name="mlp_in")(h)
-    h = nn.with_logical_constraint(h, MLP_AXES)
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
-    h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
-    return nn.with_logical_constraint(x + gate2 * h, RESIDUAL_AXES), kv
+        modulate(adaln_norm("ln_attn", self.dtype)(x), shift1, scale1), cache, index, train)
+    return adaln_mlp(x + gate1 * h, shift2, scale2, gate2, self.mlp_ratio, self.dropout,
+                     train, self.dtype), kv
 
 
 def causal_block_class(remat: bool, policy: str = ""):
@@ -261,11 +253,9 @@ def token_nll(logits: Array, codes: Array):
   return nll, jnp.argmax(logits, axis=-1) == codes
 
 
-class RQTransformerTask(Task):
+class RQTransformerTask(TokenTask):
   """The RQ-Transformer over token grids ``[L, D]`` with ``num_classes`` classes; batches
   as GeneratorTask's."""
-
-  name = "generator"  # replaces the generator stage (same checkpoints, CLI and sampling)
 
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
                num_positions: int, depth: int, num_classes: int):
@@ -279,19 +269,11 @@ class RQTransformerTask(Task):
                        f"generator.model.num_heads ({m.num_heads})")
     if not 0.0 <= m.dropout < 1.0:
       raise ValueError(f"generator.model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0.0 <= cfg.loss.cond_dropout < 1.0:
-      raise ValueError(f"generator.loss.cond_dropout must be in [0, 1), got "
-                       f"{cfg.loss.cond_dropout}")
-    if m.dtype not in DTYPES:
-      raise ValueError(f"generator.model.dtype must be one of {sorted(DTYPES)}, got "
-                       f"{m.dtype!r}")
     if m.scan_layers:
       raise ValueError("generator.model.scan_layers is not supported by the rq_transformer "
                        "family (its key/value caches are per block); set it to False")
-    self.cfg = cfg
-    self.codebooks = jnp.asarray(codebooks, jnp.float32)
+    super().__init__(cfg, codebooks, num_positions, depth, num_classes)
     rvq.books_for_depth(self.codebooks, depth)  # validates the books against the depth
-    self.num_positions, self.depth, self.num_classes = num_positions, depth, num_classes
     self.model = RQTransformer(
         num_positions=num_positions, token_depth=depth, codebook_size=codebooks.shape[1],
         num_classes=num_classes, width=m.width, num_layers=m.num_layers,
@@ -299,25 +281,6 @@ class RQTransformerTask(Task):
         dropout=m.dropout, remat=m.remat, remat_policy=m.remat_policy,
         dtype=DTYPES[m.dtype])
     causal_block_class(m.remat, m.remat_policy)  # validates the policy name
-
-  @property
-  def null_class(self) -> int:
-    return self.num_classes
-
-  def constants(self):
-    return {"codebooks": self.codebooks}
-
-  def flatten(self, batch: dict):
-    """``(codes [B, L, D], labels [B], valid [B, L])`` from a batch (``valid_positions``
-    marks real positions of padded sequences; absent: all real)."""
-    codes = batch["codes"]
-    if codes.shape[-1] != self.depth:
-      raise ValueError(f"token codes have depth {codes.shape[-1]}, the generator expects "
-                       f"{self.depth}")
-    codes = codes.reshape(codes.shape[0], -1, self.depth).astype(jnp.int32)
-    valid = batch.get("valid_positions")
-    valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
-    return codes, batch["label"].astype(jnp.int32), valid
 
   def init(self, rng, batch):
     codes, labels, _ = self.flatten(batch)

@@ -62,6 +62,32 @@ RESIDUAL_AXES = ("batch", "length", "embed")
 MLP_AXES = ("batch", "length", "mlp")
 
 
+def adaln_modulation(cond: Array, width: int, dtype) -> list:
+  """adaLN-Zero: class conditioning ``[B, W]`` -> shift, scale, gate of the attention half
+  and of the MLP half, each ``[B, 1, W]`` (the Dense starts at zero: gates closed).
+  Called inside a block's compact method (its parameters are the block's ``modulation``)."""
+  mod = nn.Dense(6 * width, kernel_init=nn.initializers.zeros, dtype=dtype,
+                 name="modulation")(nn.silu(cond))[:, None]
+  return jnp.split(mod, 6, axis=-1)
+
+
+def adaln_norm(name: str, dtype) -> nn.Module:
+  return nn.LayerNorm(use_scale=False, use_bias=False, dtype=dtype, name=name)
+
+
+def adaln_mlp(x: Array, shift: Array, scale: Array, gate: Array, mlp_ratio: int,
+              dropout: float, train: bool, dtype) -> Array:
+  """The MLP half of a block: ``x + gate * MLP(modulate(LN(x)))``, ``[B, S, W]``. Called
+  inside a block's compact method (parameters ``ln_mlp``, ``mlp_in``, ``mlp_out``)."""
+  width = x.shape[-1]
+  h = modulate(adaln_norm("ln_mlp", dtype)(x), shift, scale)
+  h = nn.Dense(mlp_ratio * width, dtype=dtype, name="mlp_in")(h)
+  h = nn.with_logical_constraint(h, MLP_AXES)
+  h = nn.Dropout(dropout, deterministic=not train)(nn.gelu(h))
+  h = nn.Dense(width, dtype=dtype, name="mlp_out")(h)
+  return nn.with_logical_constraint(x + gate * h, RESIDUAL_AXES)
+
+
 class AdaLNBlock(nn.Module):
   """Pre-LN transformer block with adaLN-Zero conditioning (gates start at zero)."""
   width: int
@@ -72,22 +98,14 @@ class AdaLNBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, attn_mask: Array, train: bool) -> Array:
-    mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="modulation")(nn.silu(cond))[:, None]
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype,
-                                     name=name)
-    h = modulate(norm("ln_attn")(x), shift1, scale1)
+    shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(cond, self.width,
+                                                                    self.dtype)
+    h = modulate(adaln_norm("ln_attn", self.dtype)(x), shift1, scale1)
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
         deterministic=not train, name="attn")(h, h, mask=attn_mask)
-    x = x + gate1 * h
-    h = modulate(norm("ln_mlp")(x), shift2, scale2)
-    h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, name="mlp_in")(h)
-    h = nn.with_logical_constraint(h, MLP_AXES)
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
-    h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
-    return nn.with_logical_constraint(x + gate2 * h, RESIDUAL_AXES)
+    return adaln_mlp(x + gate1 * h, shift2, scale2, gate2, self.mlp_ratio, self.dropout,
+                     train, self.dtype)
 
 
 def block_class(remat: bool, policy: str = ""):

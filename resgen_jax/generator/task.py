@@ -30,35 +30,38 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_MASK_SEED = 1234  # evaluation draws the same masks every time, so evals compare
 
 
-class GeneratorTask(Task):
-  """ResGen over token grids ``[L, D]`` with ``num_classes`` classes."""
+def flatten_tokens(batch: dict, depth: int):
+  """``(codes int32 [B, L, D], labels int32 [B], valid bool [B, L])`` from a token batch
+  (codes ``[B, ..., D]``; ``valid_positions`` marks the real positions of padded
+  sequences, all real without it). Raises a ValueError if the codes are not ``depth`` deep."""
+  codes = batch["codes"]
+  if codes.shape[-1] != depth:
+    raise ValueError(f"token codes have depth {codes.shape[-1]}, the generator expects "
+                     f"{depth}")
+  codes = codes.reshape(codes.shape[0], -1, depth).astype(jnp.int32)
+  valid = batch.get("valid_positions")
+  valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
+  return codes, batch["label"].astype(jnp.int32), valid
 
-  name = "generator"
+
+class TokenTask(Task):
+  """What every generator family shares: the grid ``[L, D]`` of RVQ tokens with frozen
+  codebooks (a constant of every step), ``num_classes`` classes plus the null class, and
+  token batches (:func:`flatten_tokens`). Validates the settings all families read."""
+
+  name = "generator"  # every family is the generator stage (same checkpoints and CLI)
 
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
                num_positions: int, depth: int, num_classes: int):
-    m, loss = cfg.model, cfg.loss
-    if loss.kind not in mixture.LOSSES:
-      raise ValueError(f"generator.loss.kind must be one of {mixture.LOSSES}, got {loss.kind!r}")
-    if not 0.0 <= loss.cond_dropout < 1.0:
+    if not 0.0 <= cfg.loss.cond_dropout < 1.0:
       raise ValueError(f"generator.loss.cond_dropout must be in [0, 1), got "
-                       f"{loss.cond_dropout}")
-    if loss.sigma <= 0:
-      raise ValueError(f"generator.loss.sigma must be positive, got {loss.sigma}")
-    if m.dtype not in DTYPES:
+                       f"{cfg.loss.cond_dropout}")
+    if cfg.model.dtype not in DTYPES:
       raise ValueError(f"generator.model.dtype must be one of {sorted(DTYPES)}, got "
-                       f"{m.dtype!r}")
-    masking.schedule(loss.schedule)  # validates the name
+                       f"{cfg.model.dtype!r}")
     self.cfg = cfg
     self.codebooks = jnp.asarray(codebooks, jnp.float32)
     self.num_positions, self.depth, self.num_classes = num_positions, depth, num_classes
-    self.model = ResGenTransformer(
-        num_positions=num_positions, token_depth=depth, latent_dim=codebooks.shape[-1],
-        num_classes=num_classes, width=m.width, num_layers=m.num_layers,
-        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
-        low_rank=m.low_rank, dropout=m.dropout, remat=m.remat,
-        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
-    block_class(m.remat, m.remat_policy)  # validates the policy name
 
   @property
   def null_class(self) -> int:
@@ -68,15 +71,29 @@ class GeneratorTask(Task):
     return {"codebooks": self.codebooks}
 
   def flatten(self, batch: dict):
-    """``(codes [B, L, D], labels [B], valid [B, L])`` from a batch."""
-    codes = batch["codes"]
-    if codes.shape[-1] != self.depth:
-      raise ValueError(f"token codes have depth {codes.shape[-1]}, the generator expects "
-                       f"{self.depth}")
-    codes = codes.reshape(codes.shape[0], -1, self.depth).astype(jnp.int32)
-    valid = batch.get("valid_positions")
-    valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
-    return codes, batch["label"].astype(jnp.int32), valid
+    """``(codes [B, L, D], labels [B], valid [B, L])`` (see :func:`flatten_tokens`)."""
+    return flatten_tokens(batch, self.depth)
+
+
+class GeneratorTask(TokenTask):
+  """ResGen over token grids ``[L, D]`` with ``num_classes`` classes."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
+               num_positions: int, depth: int, num_classes: int):
+    super().__init__(cfg, codebooks, num_positions, depth, num_classes)
+    m, loss = cfg.model, cfg.loss
+    if loss.kind not in mixture.LOSSES:
+      raise ValueError(f"generator.loss.kind must be one of {mixture.LOSSES}, got {loss.kind!r}")
+    if loss.sigma <= 0:
+      raise ValueError(f"generator.loss.sigma must be positive, got {loss.sigma}")
+    masking.schedule(loss.schedule)  # validates the name
+    self.model = ResGenTransformer(
+        num_positions=num_positions, token_depth=depth, latent_dim=codebooks.shape[-1],
+        num_classes=num_classes, width=m.width, num_layers=m.num_layers,
+        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
+        low_rank=m.low_rank, dropout=m.dropout, remat=m.remat,
+        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
+    block_class(m.remat, m.remat_policy)  # validates the policy name
 
   def init(self, rng, batch):
     codes, labels, valid = self.flatten(batch)
