@@ -39,7 +39,7 @@ from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, fid, inception
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
-from resgen_jax.generator.task import GeneratorTask
+from resgen_jax.generator.task import GeneratorTask, TokenTask
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
 from resgen_jax.utils import files
@@ -296,7 +296,7 @@ FAMILIES = {"resgen": GeneratorTask, "direct": DirectTokenTask,
             "rq_transformer": RQTransformerTask}
 
 
-def make_generator_task(config, workdir: str) -> GeneratorTask:
+def make_generator_task(config, workdir: str) -> TokenTask:
   family = config.generator.family
   if family not in FAMILIES:
     raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got {family!r}")
@@ -363,7 +363,7 @@ def samples_path(config, workdir: str) -> str:
   return os.path.join(workdir, SAMPLES_DIR, sample_tag(config.sampler) + ".npz")
 
 
-def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask,
+def make_image_sampler(config, tok_task: TokenizerTask, gen_task: TokenTask,
                        mesh) -> Callable:
   """A jitted ``(gen_params, gen_state, ae_params, codebooks, labels [B], rng) ->
   (images float [B,H,W,C], codes [B,h,w,D])`` for any generator family."""
@@ -379,7 +379,7 @@ def make_image_sampler(config, tok_task: TokenizerTask, gen_task: GeneratorTask,
   return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))
 
 
-def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task: GeneratorTask,
+def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task: TokenTask,
                            gen_state, mesh) -> Callable:
   """``(gen_state, labels int [n], index) -> (images uint8 [n,H,W,C], codes [n,h,w,D])``
   for ``n <= sampler.batch_size``, compiled here for that one batch shape (shorter batches
@@ -578,7 +578,7 @@ def _evaluate_with_inception(config, workdir: str, samples: str) -> dict:
   return report
 
 
-def make_fid_proxy(config, workdir: str, mesh, gen_task: GeneratorTask) -> Callable:
+def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
   """``state -> {"fid_proxy": d}``: the Frechet distance between ``evaluation.proxy_samples``
   images sampled from the generator ``state`` (``config.sampler`` settings, classes in
   turn, the same seed every call) and the real held-out images, in the features of
