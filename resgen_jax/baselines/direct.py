@@ -53,18 +53,12 @@ class DirectTokenTask(GeneratorTask):
   def losses(self, params, model_state, constants, batch, rng, train: bool):
     """Cross-entropy of the hidden tokens of one batch, masks drawn from ``rng``."""
     del model_state
-    codes, labels, valid = self.flatten(batch)
-    mask_key, drop_key, dropout_key = jax.random.split(rng, 3)
-    hidden = masking.sample_hidden_counts(mask_key, valid, self.depth,
-                                          masking.schedule(self.cfg.loss.schedule))
-    visible, _ = masking.split_embeddings(rvq.embed(codes, constants["codebooks"]), hidden)
-    if train:
-      dropped = jax.random.bernoulli(drop_key, self.cfg.loss.cond_dropout, labels.shape)
-      labels = jnp.where(dropped, self.null_class, labels)
-    logits = self.model.apply({"params": params["model"]}, visible, hidden, labels, valid,
-                              train=train, rngs={"dropout": dropout_key})
+    m = self.masked_batch(constants, batch, rng, train)
+    valid, hidden = m["valid"], m["hidden"]
+    logits = self.model.apply({"params": params["model"]}, m["visible"], hidden, m["labels"],
+                              valid, train=train, rngs={"dropout": m["dropout_key"]})
     weights = (masking.hidden_mask(hidden, self.depth) & valid[..., None]).astype(jnp.float32)
-    loss, accuracy = token_cross_entropy(logits, codes, weights)
+    loss, accuracy = token_cross_entropy(logits, m["codes"], weights)
     return loss, {"nll": loss, "accuracy": accuracy,
                   "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth)}
 
@@ -80,10 +74,7 @@ class DirectTokenTask(GeneratorTask):
 
     return network
 
-  def sample_codes(self, params, model_state, codebooks, labels, rng, scfg):
-    """Labels ``[B]`` -> int32 ``[B, L, D]`` in ``scfg.steps`` steps, ResGen's schedule."""
-    start = jnp.zeros((labels.shape[0], self.num_positions, self.depth), jnp.int32)
-    network = self.network_fn(params, model_state, codebooks, labels,
-                              jnp.ones(start.shape[:2], bool))
-    return sampler.unmask(sampler.token_proposal(network, scfg), start,
-                          jnp.zeros(start.shape, bool), rng, scfg).codes
+  def proposal(self, network, codebooks, scfg):
+    """A token per hidden slot from its softmax; ResGen's schedule does the rest."""
+    del codebooks
+    return sampler.token_proposal(network, scfg)

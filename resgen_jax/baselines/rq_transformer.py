@@ -237,15 +237,6 @@ class RQTransformer(nn.Module):
     return logits.reshape(batch, length, depth, self.codebook_size)
 
 
-def draw_tokens(rng: Array, logits: Array, temperature: float, top_k: int,
-                top_p: float) -> Array:
-  """One code per row of logits ``[N, V]`` -> int32 ``[N]``; temperature 0 is argmax."""
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(
-      rng, sampler.filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
-
-
 def token_nll(logits: Array, codes: Array):
   """``(-log p(code), code is the most probable)``: logits ``[..., V]``, codes ``[...]``."""
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -410,8 +401,8 @@ class RQTransformerTask(TokenTask):
       if guided:
         cond, uncond = jnp.split(logits, 2)
         logits = uncond + scfg.cfg_scale * (cond - uncond)
-      codes = draw_tokens(jax.random.fold_in(rng, i * self.depth + j), logits,
-                          scfg.temperature, scfg.top_k, scfg.top_p)
+      codes = sampler.draw_tokens(jax.random.fold_in(rng, i * self.depth + j), logits,
+                                  scfg.temperature, scfg.top_k, scfg.top_p)
       return jnp.tile(codes, 2) if guided else codes
 
     def position(carry, i):

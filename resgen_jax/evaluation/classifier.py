@@ -70,7 +70,7 @@ class Classifier(nn.Module):
     return nn.Dense(self.num_classes, name="logits")(features), features
 
 
-def _check_images(images, name: str) -> np.ndarray:
+def check_images(images, name: str = "images") -> np.ndarray:
   """-> ``images`` as a numpy uint8 ``[N, H, W, C]`` array, or a ValueError naming them."""
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
@@ -132,7 +132,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   Returns:
     The parameter tree (the ``params`` collection).
   """
-  images = _check_images(images, "images")
+  images = check_images(images, "images")
   labels = _check_labels(labels, num_classes, images.shape[0], "labels")
   if images.shape[0] == 0:
     raise ValueError("cannot train a classifier on 0 images")
@@ -160,7 +160,7 @@ def predict(params, num_classes: int, images: np.ndarray,
   Runs in batches of ``min(batch_size, N)``, the last one zero-padded, so one compilation
   serves every batch.
   """
-  images = _check_images(images, "images")
+  images = check_images(images, "images")
   count = images.shape[0]
   size = max(1, min(batch_size, count))
   logits = np.zeros((count, num_classes), np.float32)
@@ -292,7 +292,7 @@ class ClassifierEvaluator:
     self.params = params
     self.num_classes = num_classes
     self.batch_size = batch_size
-    reference_images = _check_images(reference_images, "reference_images")
+    reference_images = check_images(reference_images, "reference_images")
     channels = params["conv0"]["kernel"].shape[2]
     if reference_images.shape[-1] != channels:
       raise ValueError(f"reference_images have {reference_images.shape[-1]} channels, the "
@@ -312,7 +312,7 @@ class ClassifierEvaluator:
 
   def _predict(self, images, name: str) -> Tuple[np.ndarray, np.ndarray]:
     """Checks ``images`` have the reference shape -> (logits ``[N, K]``, features ``[N, F]``)."""
-    images = _check_images(images, name)
+    images = check_images(images, name)
     if images.shape[1:] != self.image_shape:
       raise ValueError(f"{name} have shape {images.shape[1:]} per image, the reference "
                        f"images {self.image_shape}")

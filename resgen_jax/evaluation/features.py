@@ -27,14 +27,6 @@ Array = np.ndarray
 Extractor = Callable[[Array], Tuple[Array, Array]]
 
 
-def check_images(images) -> Array:
-  """-> ``images`` as numpy uint8 ``[n, H, W, C]``, or a ValueError that says what they are."""
-  images = np.asarray(images)
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f"images must be uint8 [n, H, W, C], got {images.dtype} {images.shape}")
-  return images
-
-
 class ClassifierFeatures:
   """The project's classifier as an extractor: penultimate features and class logits."""
 
@@ -43,8 +35,8 @@ class ClassifierFeatures:
     self.params, self.num_classes, self.batch_size = params, num_classes, batch_size
 
   def __call__(self, images) -> Tuple[Array, Array]:
-    logits, features = classifier.predict(self.params, self.num_classes,
-                                          check_images(images), self.batch_size)
+    logits, features = classifier.predict(self.params, self.num_classes, images,
+                                          self.batch_size)
     return features.astype(np.float64), logits.astype(np.float64)
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from resgen_jax.evaluation import features as features_lib
-from resgen_jax.evaluation import inception, metrics
+from resgen_jax.evaluation import classifier, inception, metrics
 
 Array = np.ndarray
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -53,7 +53,7 @@ class InceptionFeatures:
     self._forward: Callable = jax.jit(inception.FIDInception().apply)
 
   def __call__(self, images) -> Tuple[Array, Array]:
-    images = features_lib.check_images(images)
+    images = classifier.check_images(images)
     if images.shape[-1] == 1:  # grayscale data sets: the usual tools repeat the channel
       images = np.repeat(images, 3, axis=-1)
     f, l = self._forward(self.variables, images)

@@ -97,6 +97,16 @@ def filter_logits(logits: Array, temperature: float, top_k: int, top_p: float) -
   return top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
 
 
+def draw_tokens(rng: Array, logits: Array, temperature: float, top_k: int,
+                top_p: float) -> Array:
+  """One token per row of logits ``[..., V]`` -> int32 ``[...]``: drawn from
+  :func:`filter_logits`, or the argmax at ``temperature == 0``."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(
+      rng, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
 def check_settings(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first sampler setting out of range."""
   if cfg.steps < 1:
@@ -212,13 +222,9 @@ def token_proposal(network_fn: Callable, cfg: ml_collections.ConfigDict) -> Call
 
   def propose(codes, hidden, t, rng):
     logits = guided(network_fn, cfg, t, codes, hidden)
-    if cfg.temperature > 0:
-      tokens = jax.random.categorical(
-          rng, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))
-    else:
-      tokens = jnp.argmax(logits, axis=-1)
+    tokens = draw_tokens(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
     log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)
-    return tokens.astype(jnp.int32), log_probs[..., 0]
+    return tokens, log_probs[..., 0]
 
   return propose
 

@@ -121,18 +121,30 @@ class GeneratorTask(TokenTask):
   def log_sigma(self, params) -> jax.Array:
     return params.get("log_sigma", jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32))
 
-  def losses(self, params, model_state, constants, batch, rng, train: bool):
-    """Loss terms and metrics of one batch with masks drawn from ``rng``."""
-    loss_cfg = self.cfg.loss
+  def masked_batch(self, constants, batch, rng, train: bool) -> dict:
+    """The training view of a batch: a mask drawn from ``rng`` (split in three: mask, class
+    dropout, network dropout) -> ``codes [B,L,D]``, ``labels [B]`` (the null class with
+    probability ``loss.cond_dropout`` when ``train``), ``valid [B,L]``, ``hidden [B,L]``,
+    the network input ``visible [B,L,d]``, the hidden sums ``target [B,L,d]`` and the
+    network's ``dropout_key``. Shared by every family on the masked backbone."""
     codes, labels, valid = self.flatten(batch)
     mask_key, drop_key, dropout_key = jax.random.split(rng, 3)
     hidden = masking.sample_hidden_counts(mask_key, valid, self.depth,
-                                          masking.schedule(loss_cfg.schedule))
+                                          masking.schedule(self.cfg.loss.schedule))
     visible, target = masking.split_embeddings(rvq.embed(codes, constants["codebooks"]), hidden)
-    target = target / model_state["target_rms"][hidden][..., None]
     if train:
-      dropped = jax.random.bernoulli(drop_key, loss_cfg.cond_dropout, labels.shape)
+      dropped = jax.random.bernoulli(drop_key, self.cfg.loss.cond_dropout, labels.shape)
       labels = jnp.where(dropped, self.null_class, labels)
+    return dict(codes=codes, labels=labels, valid=valid, hidden=hidden, visible=visible,
+                target=target, dropout_key=dropout_key)
+
+  def losses(self, params, model_state, constants, batch, rng, train: bool):
+    """Loss terms and metrics of one batch with masks drawn from ``rng``."""
+    loss_cfg = self.cfg.loss
+    m = self.masked_batch(constants, batch, rng, train)
+    valid, hidden, dropout_key = m["valid"], m["hidden"], m["dropout_key"]
+    visible, labels = m["visible"], m["labels"]
+    target = m["target"] / model_state["target_rms"][hidden][..., None]
     logits, means = self.model.apply({"params": params["model"]}, visible, hidden, labels,
                                      valid, train=train, rngs={"dropout": dropout_key})
     weights = ((hidden > 0) & valid).astype(jnp.float32)
@@ -183,10 +195,15 @@ class GeneratorTask(TokenTask):
   def sample_codes(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
                    scfg: ml_collections.ConfigDict) -> jax.Array:
     """Class-conditional samples: labels ``[B]`` -> every token, int32 ``[B, L, D]``, in
-    ``scfg.steps`` network calls (:func:`sampler.sample`). The interface every generator
-    family shares (the pipeline, sweeps and benchmarks call only this)."""
+    ``scfg.steps`` network calls (:func:`sampler.unmask` around :meth:`proposal`). The
+    interface every generator family shares (the pipeline, sweeps and benchmarks call only
+    this)."""
     start = jnp.zeros((labels.shape[0], self.num_positions, self.depth), jnp.int32)
     network = self.network_fn(params, model_state, codebooks, labels,
                               jnp.ones(start.shape[:2], bool))
-    return sampler.sample(network, codebooks, start, jnp.zeros(start.shape, bool), rng,
-                          scfg).codes
+    return sampler.unmask(self.proposal(network, codebooks, scfg), start,
+                          jnp.zeros(start.shape, bool), rng, scfg).codes
+
+  def proposal(self, network, codebooks, scfg):
+    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture."""
+    return sampler.mixture_proposal(network, codebooks, scfg)
