@@ -90,7 +90,13 @@ def prefix_reconstructions(tok: Tokenizer, params, codebooks: jax.Array,
   Decodes one prefix at a time (``lax.map``) so the decoder's activations do not grow
   with D.
   """
-  x = image_utils.to_float(images)
+  return prefix_decodes(tok, params, codebooks, image_utils.to_float(images))
+
+
+def prefix_decodes(tok: "Tokenizer", params, codebooks: jax.Array, x: jax.Array) -> jax.Array:
+  """Decodes of every depth prefix of the model input ``x [B, *spatial, C]`` (images in
+  [-1, 1], or normalised log-mels) -> ``[D, B, *spatial, C]``, one prefix at a time
+  (``lax.map``) so the decoder's activations do not grow with D."""
   codes = rvq.quantize(tok.encode_latents(params, x), codebooks, depth=tok.depth).codes
   cumulative = jnp.moveaxis(rvq.cumulative_embeddings(codes, codebooks), -2, 0)
   return jax.lax.map(lambda latents: tok.decode_latents(params, latents), cumulative)
@@ -114,9 +120,10 @@ class TokenizerTask(Task):
 
   name = "tokenizer"
 
-  def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int):
+  def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int,
+               tokenizer: Optional[Tokenizer] = None):
     self.cfg = cfg
-    self.tok = Tokenizer(cfg, image_channels)
+    self.tok = tokenizer or Tokenizer(cfg, image_channels)
     loss = cfg.loss
     self.use_gan = loss.gan_weight > 0
     self.use_perceptual = loss.perceptual_weight > 0
@@ -139,9 +146,17 @@ class TokenizerTask(Task):
   def constants(self):
     return self._constants
 
+  def inputs(self, batch: dict) -> jax.Array:
+    """The autoencoder's input of a batch: images as floats in [-1, 1]."""
+    return image_utils.to_float(batch["image"])
+
+  def quality(self, reconstruction: jax.Array, x: jax.Array) -> dict:
+    """Train metrics of a reconstruction of the input ``x``: mean PSNR (dB)."""
+    return {"psnr": jnp.mean(image_utils.psnr(jnp.clip(reconstruction, -1, 1), x))}
+
   def init(self, rng, batch):
     ae_key, book_key, disc_key = jax.random.split(rng, 3)
-    x = image_utils.to_float(batch["image"])
+    x = self.inputs(batch)
     params = {"autoencoder": self.tok.autoencoder.init(ae_key, x)["params"]}
     if self.use_gan:
       params["discriminator"] = self.discriminator.init(disc_key, x)["params"]
@@ -152,7 +167,7 @@ class TokenizerTask(Task):
     q = self.cfg.quantizer
     if not q.kmeans_init:
       return model_state
-    z = self.tok.encode_latents(params["autoencoder"], image_utils.to_float(batch["image"]))
+    z = self.tok.encode_latents(params["autoencoder"], self.inputs(batch))
     books = rvq.kmeans_codebooks(z.reshape(-1, z.shape[-1]), q.depth, q.codebook_size,
                                  q.shared_codebook, q.kmeans_iters, rng)
     return {"codebook": rvq.CodebookState.create(books)}
@@ -170,13 +185,14 @@ class TokenizerTask(Task):
     cfg, tok = self.cfg, self.tok
     codebook: rvq.CodebookState = model_state["codebook"]
     depth_key, restart_key = jax.random.split(rng)
-    x = image_utils.to_float(batch["image"])
+    x = self.inputs(batch)
     prefix = self.train_depths(depth_key, x.shape[0])
 
     def generator_loss(ae_params):
       z = tok.encode_latents(ae_params, x)
       q = rvq.quantize(jax.lax.stop_gradient(z), codebook.codebooks, depth=tok.depth)
-      mask = rvq.depth_mask(tok.depth, prefix[:, None, None], q.codes.shape[:-1])
+      per_example = prefix.reshape((-1,) + (1,) * (q.codes.ndim - 2))  # [B, 1, ...]
+      mask = rvq.depth_mask(tok.depth, per_example, q.codes.shape[:-1])
       cumulative = jax.lax.stop_gradient(
           rvq.cumulative_embeddings(q.codes, codebook.codebooks))  # [B,h,w,D,d]
       # RQ-VAE commitment: every used depth's partial sum should stay close to z.
@@ -188,8 +204,7 @@ class TokenizerTask(Task):
                                     method=autoencoder.AutoEncoder.decode)
       recon = losses.reconstruction_loss(x, x_hat, cfg.loss.recon)
       total = cfg.loss.recon_weight * recon + cfg.quantizer.commitment_weight * commitment
-      metrics = {"recon": recon, "commitment": commitment,
-                 "psnr": jnp.mean(image_utils.psnr(jnp.clip(x_hat, -1, 1), x))}
+      metrics = {"recon": recon, "commitment": commitment, **self.quality(x_hat, x)}
       if self.use_perceptual:
         perceptual = losses.perceptual_loss(constants["lpips"], x, x_hat)
         total += cfg.loss.perceptual_weight * perceptual
