@@ -73,6 +73,10 @@ def audio_config() -> ml_collections.ConfigDict:
       # Loudness target of normalize_loudness in dBFS, measured as RMS (0 dB: RMS 1, so a
       # full-scale sine is -3 dB). Plain RMS, not LUFS: no K-weighting and no gating.
       target_loudness_db=-23.0,
+      # The speech codec sees (log_mel - mel_mean) / mel_std: log-mels of speech at -23 dBFS
+      # lie around -5 +- 2 (floor -11.5), so its input is roughly zero-mean, unit-scale.
+      mel_mean=-5.0,
+      mel_std=2.0,
       griffin_lim_iters=32,  # iterations of fast Griffin-Lim in GriffinLimVocoder
       griffin_lim_momentum=0.99,  # its momentum alpha in [0, 1) (Perraudin et al.: 0.99)
   ))
@@ -112,6 +116,8 @@ def check_audio_config(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.target_loudness_db <= 0.0:
     raise ValueError(f"audio.target_loudness_db must be <= 0 dBFS, got "
                      f"{cfg.target_loudness_db}")
+  if not cfg.mel_std > 0.0:
+    raise ValueError(f"audio.mel_std must be > 0, got {cfg.mel_std}")
   if cfg.griffin_lim_iters < 1:
     raise ValueError(f"audio.griffin_lim_iters must be >= 1, got {cfg.griffin_lim_iters}")
   if not 0.0 <= cfg.griffin_lim_momentum < 1.0:
@@ -473,7 +479,7 @@ def read_wav(path: str) -> Tuple[np.ndarray, int]:
       channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
       count = f.getnframes()
       data = f.readframes(count)
-  except (wave_io.Error, EOFError) as e:
+  except (wave_io.Error, EOFError, RuntimeError) as e:  # RuntimeError: a garbled chunk
     raise ValueError(f"{path!r} is not a readable PCM WAV file ({e})") from e
   if width != PCM16_BYTES:
     raise ValueError(f"{path!r} holds {8 * width}-bit samples; only 16-bit PCM is supported")
