@@ -1,0 +1,692 @@
+"""Offline proxies for zero-shot text-to-speech evaluation: no download, no pretrained model.
+
+* :func:`mel_cepstral_distortion` (MCD, dB) between a reference and a generated utterance's
+  log-mels, optionally aligned by dynamic time warping (:func:`dtw_path`);
+* :func:`duration_ratio` of a generated clip to its reference;
+* a small speech classifier the project trains on real data (:func:`train_speech_classifier`):
+  ``kind="speaker"`` (which of ``num_classes`` speakers is talking; score: accuracy) or
+  ``kind="words"`` (which words of a closed vocabulary the utterance contains; score: mean
+  F1 of the predicted word set), to score generated speech for speaker similarity and
+  intelligibility without an external speaker-verification or ASR model.
+
+Log-mels are those of :func:`resgen_jax.audio.frontend.log_mel`: natural logs of mel
+*magnitudes*, one utterance ``[F, n_mels]`` at a time.
+
+MCD scale: the mel cepstrum here is the orthonormal DCT-II of the log-mel frame, so by
+Parseval ``sum_k c_k^2`` is the frame's squared norm over its ``n_mels`` bins; the cepstrum
+of SPTK-style MCD (``log|X(w)| = c_0 + 2 sum_k c_k cos(k w)``) is about ``sqrt(2 n_mels)``
+times smaller. Values are therefore only comparable between runs with the same front end,
+``n_mels`` and ``num_coeffs``, not with MCDs published from SPTK mel-cepstra. Every frame
+counts, silences included.
+
+Classifier file format (:func:`save`): one msgpack file (flax serialization, no pickle) of
+a map with ``meta``, a JSON string (format name and version, ``kind``, ``num_classes``,
+``n_mels``, ``conv_widths``, ``class_names``), ``mean`` and ``std`` (the standardisation,
+float32 ``[n_mels]``) and ``params``, the parameter tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.fft
+import scipy.spatial.distance
+from flax import serialization
+from flax import traverse_util
+
+from resgen_jax.utils import files
+
+# --------------------------------------------------------------------------------------
+# Mel cepstral distortion
+
+# The customary 13 cepstral coefficients c_1..c_13 (as in MFCC front ends and most MCD
+# reports): the spectral envelope without the pitch harmonics of higher quefrencies.
+NUM_CEPSTRAL_COEFFS = 13
+# dB of power per natural-log unit of magnitude: 10 log10(|X|^2) = (20 / ln 10) ln|X|, and
+# MCD's (10 / ln 10) sqrt(2 sum_k dc_k^2) is that factor applied to sqrt(sum_k dc_k^2 / 2).
+MCD_DB = 10.0 / math.log(10.0)
+ALIGNMENTS = ("dtw", "none")
+
+
+def _check_log_mels(log_mels, name: str) -> np.ndarray:
+  """-> ``log_mels`` as float64 ``[F >= 1, n_mels]``, or a ValueError naming them."""
+  log_mels = np.asarray(log_mels, np.float64)
+  if log_mels.ndim != 2:
+    raise ValueError(f"{name} must be one utterance's log-mels [F, n_mels], got shape "
+                     f"{log_mels.shape}")
+  if log_mels.shape[0] == 0 or log_mels.shape[1] == 0:
+    raise ValueError(f"{name} is empty: shape {log_mels.shape}")
+  if not np.all(np.isfinite(log_mels)):
+    raise ValueError(f"{name} holds non-finite values")
+  return log_mels
+
+
+def mel_cepstrum(log_mels, num_coeffs: int = NUM_CEPSTRAL_COEFFS) -> np.ndarray:
+  """Mel cepstra of log-mel frames: float ``[F, n_mels]`` -> float64 ``[F, num_coeffs]``.
+
+  The orthonormal DCT-II along the mel axis, ``c_k = s_k sum_n x_n cos(pi k (2n + 1) /
+  (2 n_mels))`` with ``s_0 = sqrt(1 / n_mels)``, ``s_k = sqrt(2 / n_mels)``, keeping
+  ``c_1 .. c_num_coeffs``: ``c_0``, the frame's mean log level (energy), is dropped.
+
+  Raises a ValueError unless ``1 <= num_coeffs < n_mels``.
+  """
+  log_mels = _check_log_mels(log_mels, "log_mels")
+  n_mels = log_mels.shape[1]
+  if (not isinstance(num_coeffs, (int, np.integer)) or isinstance(num_coeffs, bool)
+      or not 1 <= num_coeffs < n_mels):
+    raise ValueError(f"num_coeffs must be an integer in [1, n_mels = {n_mels}), got "
+                     f"{num_coeffs!r}")
+  return scipy.fft.dct(log_mels, type=2, norm="ortho", axis=-1)[:, 1:num_coeffs + 1]
+
+
+def accumulated_cost(cost) -> np.ndarray:
+  """DTW's accumulated cost ``D [N, M]`` (float64) of a cost matrix ``[N, M]``:
+  ``D[i, j] = cost[i, j] + min(D[i - 1, j], D[i, j - 1], D[i - 1, j - 1])``, ``D[0, 0] =
+  cost[0, 0]``: the least total cost of a path from (0, 0) to (i, j).
+
+  A row at a time: with ``a_j = cost[i, j] + min(D[i - 1, j], D[i - 1, j - 1])`` and row
+  prefix sums ``P_j``, the horizontal recurrence unrolls to ``D[i, j] = P_j + min_{l <= j}
+  (a_l - P_l)``, a cumulative minimum.
+  """
+  cost = np.asarray(cost, np.float64)
+  if cost.ndim != 2 or 0 in cost.shape:
+    raise ValueError(f"DTW cost must be a non-empty matrix [N, M], got shape {cost.shape}")
+  if not np.all(np.isfinite(cost)):
+    raise ValueError("DTW cost holds non-finite values")
+  total = np.empty_like(cost)
+  total[0] = np.cumsum(cost[0])
+  for i in range(1, cost.shape[0]):
+    above = total[i - 1]
+    entry = cost[i] + np.minimum(above, np.concatenate([[np.inf], above[:-1]]))
+    prefix = np.cumsum(cost[i])
+    total[i] = prefix + np.minimum.accumulate(entry - prefix)
+  return total
+
+
+def dtw_path(cost) -> Tuple[np.ndarray, np.ndarray]:
+  """The least-cost warping path through a cost matrix: float ``[N, M]`` -> (``i [P]``,
+  ``j [P]``), int64.
+
+  The path runs from (0, 0) to (N - 1, M - 1) in steps (1, 0), (0, 1) and (1, 1) and
+  minimises ``sum_p cost[i[p], j[p]]`` (classic DTW, no slope constraint or window); of
+  equal-cost predecessors, backtracking prefers the diagonal, then (i - 1, j).
+  ``max(N, M) <= P <= N + M - 1``.
+  """
+  total = accumulated_cost(cost)
+  i, j = total.shape[0] - 1, total.shape[1] - 1
+  path = [(i, j)]
+  while i > 0 or j > 0:
+    if i == 0:
+      j -= 1
+    elif j == 0:
+      i -= 1
+    else:
+      step = int(np.argmin((total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])))
+      i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
+    path.append((i, j))
+  rows, cols = np.asarray(path[::-1], np.int64).T
+  return rows, cols
+
+
+def mel_cepstral_distortion(ref_log_mels, gen_log_mels,
+                            num_coeffs: int = NUM_CEPSTRAL_COEFFS,
+                            align: str = "dtw") -> float:
+  """Mel cepstral distortion in dB between two utterances' log-mels ``[F_ref, n_mels]`` and
+  ``[F_gen, n_mels]``.
+
+  Per aligned frame pair, ``(10 / ln 10) sqrt(2 sum_{k=1}^{K} (c_k - c'_k)^2)`` over the
+  :func:`mel_cepstrum` coefficients, averaged over the pairs. ``align="dtw"`` pairs frames
+  along the :func:`dtw_path` of the Euclidean cepstral distances (for equal lengths never
+  above ``"none"``: its diagonal is one of the paths, and the DTW path is at least as
+  long); ``align="none"`` pairs frame f with frame f for f below the shorter length.
+  Symmetric in its arguments; 0 for identical inputs. See the module docstring for the
+  scale.
+
+  Raises a ValueError for inputs that are not ``[F >= 1, n_mels]``, differ in ``n_mels``, or
+  an unknown ``align``.
+  """
+  ref = _check_log_mels(ref_log_mels, "ref_log_mels")
+  gen = _check_log_mels(gen_log_mels, "gen_log_mels")
+  if ref.shape[1] != gen.shape[1]:
+    raise ValueError(f"ref_log_mels have {ref.shape[1]} mel bins, gen_log_mels "
+                     f"{gen.shape[1]}")
+  if align not in ALIGNMENTS:
+    raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+  ref_cep, gen_cep = mel_cepstrum(ref, num_coeffs), mel_cepstrum(gen, num_coeffs)
+  if align == "none":
+    count = min(ref_cep.shape[0], gen_cep.shape[0])
+    distances = np.linalg.norm(ref_cep[:count] - gen_cep[:count], axis=-1)
+  else:
+    # Pair by pair, sqrt(sum (a - b)^2): no [F_ref, F_gen, K] temporary, and exactly 0 for
+    # equal frames (unlike the |a|^2 + |b|^2 - 2 a.b expansion).
+    cost = scipy.spatial.distance.cdist(ref_cep, gen_cep, "euclidean")
+    rows, cols = dtw_path(cost)
+    distances = cost[rows, cols]
+  return float(MCD_DB * math.sqrt(2.0) * np.mean(distances))
+
+
+def _num_samples(clip, name: str) -> int:
+  """A sample count, or a mono wave ``[T]``'s length -> an int >= 0, or a ValueError."""
+  array = np.asarray(clip)
+  if array.ndim == 1:
+    return array.shape[0]
+  if array.ndim == 0 and np.issubdtype(array.dtype, np.integer) and array >= 0:
+    return int(array)
+  raise ValueError(f"{name} must be a sample count (an int >= 0) or a mono wave [T], got "
+                   f"{array.dtype} {array.shape}" + (f" {array!r}" if array.ndim == 0 else ""))
+
+
+def duration_ratio(gen_samples, ref_samples) -> float:
+  """Duration of a generated clip over its reference's (same sample rate): 1 is ideal.
+
+  Args:
+    gen_samples, ref_samples: each a sample count (an int) or a mono wave ``[T]``.
+  Raises:
+    ValueError: for other inputs or an empty reference.
+  """
+  gen, ref = _num_samples(gen_samples, "gen_samples"), _num_samples(ref_samples, "ref_samples")
+  if ref == 0:
+    raise ValueError("duration_ratio: the reference has 0 samples")
+  return gen / ref
+
+
+def word_targets(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+  """Which vocabulary words each text contains -> bool ``[N, V]``.
+
+  Texts are split on whitespace and tokens matched exactly (case and punctuation count:
+  normalise the texts and the vocabulary alike first). Raises a ValueError for an empty
+  vocabulary, repeated or blank words, or a text that is not a string.
+  """
+  vocabulary = list(vocabulary)
+  if not vocabulary:
+    raise ValueError("word_targets: the vocabulary is empty")
+  for word in vocabulary:
+    if not isinstance(word, str) or len(word.split()) != 1 or word.split()[0] != word:
+      raise ValueError(f"vocabulary entries must be single words without whitespace, got "
+                       f"{word!r}")
+  if len(set(vocabulary)) != len(vocabulary):
+    repeated = sorted({w for w in vocabulary if vocabulary.count(w) > 1})
+    raise ValueError(f"vocabulary repeats words {repeated}")
+  index = {word: k for k, word in enumerate(vocabulary)}
+  texts = list(texts)
+  targets = np.zeros((len(texts), len(vocabulary)), bool)
+  for n, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"texts[{n}] is a {type(text).__name__}, not a string")
+    for token in text.split():
+      if token in index:
+        targets[n, index[token]] = True
+  return targets
+
+
+# --------------------------------------------------------------------------------------
+# Speaker / word classifier on log-mels
+
+KINDS = ("speaker", "words")
+CONV_WIDTHS = (64, 64, 64)  # output channels of the 1-D convolutions over time
+CONV_STRIDES = (1, 2, 2)  # 62.5 frames/s -> 15.6 feature frames/s before pooling
+# Kernel over frames (odd, so that output frame t is centred on input frame stride * t):
+# 5 frames at stride 1, 2, 2 give a receptive field of 29 frames, about 0.46 s at 16 ms.
+KERNEL_FRAMES = 5
+# Floor of a mel bin's standard deviation: a bin constant over the training data (at the
+# log floor, say) would otherwise be divided by ~0 and blow up on any other input.
+STD_FLOOR = 1e-3
+# A words prediction is the set of words with probability above this.
+WORD_THRESHOLD = 0.5
+
+# Training defaults, not yet calibrated on real speech: check the held-out score with
+# :func:`score` and raise num_steps if it is still climbing.
+NUM_STEPS = 1000
+BATCH_SIZE = 32
+LEARNING_RATE = 3e-3
+WEIGHT_DECAY = 1e-4
+PREDICT_BATCH_SIZE = 64
+# Prediction pads a call's clips to its longest, rounded up to a multiple of this many
+# frames (about 1 s), so that calls on similar clips share one compilation.
+PREDICT_FRAME_QUANTUM = 64
+
+FILE_FORMAT = "resgen_jax.audio.metrics.speech_classifier"  # the meta of every file save writes
+FILE_VERSION = 1
+
+
+class SpeechClassifier(nn.Module):
+  """Log-mels ``[B, F, n_mels]`` with a mask ``valid [B, F]`` -> (logits ``[B, K]``, features
+  ``[B, CONV_WIDTHS[-1]]``).
+
+  Frames are standardised per mel bin, ``(x - mean) / std``, and zeroed where not valid;
+  ``len(CONV_WIDTHS)`` ReLU convolutions over time (kernel ``KERNEL_FRAMES``, fixed
+  zero padding ``KERNEL_FRAMES // 2`` on each side, strides ``CONV_STRIDES``) follow, each
+  output frame valid when the input frame it is centred on is, and invalid frames zeroed
+  again; the features are the mean over valid frames, and a linear head gives the logits.
+  A clip's outputs thus do not depend on how many padding frames follow it, nor on their
+  values.
+
+  Attributes:
+    num_classes: K, speakers or vocabulary words.
+    mean: per-bin mean ``[n_mels]`` of the training log-mels.
+    std: per-bin standard deviation ``[n_mels]`` (> 0).
+  """
+  num_classes: int
+  mean: Any
+  std: Any
+
+  @nn.compact
+  def __call__(self, log_mels, valid):
+    x = (jnp.asarray(log_mels, jnp.float32) - self.mean) / self.std
+    valid = jnp.asarray(valid, bool)
+    x = jnp.where(valid[..., None], x, 0.0)
+    pad = KERNEL_FRAMES // 2
+    for i, (width, stride) in enumerate(zip(CONV_WIDTHS, CONV_STRIDES)):
+      x = nn.Conv(width, (KERNEL_FRAMES,), strides=(stride,), padding=((pad, pad),),
+                  name=f"conv{i}")(x)
+      valid = valid[:, ::stride]
+      x = jnp.where(valid[..., None], nn.relu(x), 0.0)
+    count = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.float32)
+    features = jnp.sum(x, axis=1) / jnp.maximum(count, 1.0)
+    return nn.Dense(self.num_classes, name="logits")(features), features
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpeechClassifierParams:
+  """A trained :class:`SpeechClassifier`: what :func:`predict`, :func:`score` and :func:`save`
+  take.
+
+  Attributes:
+    kind: ``"speaker"`` or ``"words"``.
+    num_classes: K.
+    mean: float32 ``[n_mels]``, the training log-mels' per-bin mean.
+    std: float32 ``[n_mels]``, their per-bin standard deviation, floored at ``STD_FLOOR``.
+    params: the Flax parameter tree (the ``params`` collection).
+    class_names: optional names of the K classes (speaker ids, or the vocabulary).
+  """
+  kind: str
+  num_classes: int
+  mean: np.ndarray
+  std: np.ndarray
+  params: Any
+  class_names: Optional[Tuple[str, ...]] = None
+
+  @property
+  def n_mels(self) -> int:
+    return int(self.mean.shape[0])
+
+
+def _check_kind(kind: str, num_classes: int) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool)
+      or num_classes < 1):
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+
+
+def check_clips(log_mels, name: str = "log_mels",
+                n_mels: Optional[int] = None) -> List[np.ndarray]:
+  """-> utterances' log-mels as a list of float32 ``[F_i >= 1, n_mels]``, or a ValueError.
+
+  Args:
+    log_mels: a non-empty sequence of ``[F_i, n_mels]`` arrays (a ``[N, F, n_mels]`` array
+      is N clips of F frames).
+    name: what the errors call them.
+    n_mels: the mel bins they must have; those of the first clip when None.
+  """
+  clips = [np.asarray(clip, np.float32) for clip in log_mels]
+  if not clips:
+    raise ValueError(f"{name} holds no clips")
+  if n_mels is None:
+    if clips[0].ndim != 2 or clips[0].shape[1] < 1:
+      raise ValueError(f"{name}[0] must be log-mels [F >= 1, n_mels >= 1], got shape "
+                       f"{clips[0].shape}")
+    n_mels = clips[0].shape[1]
+  for n, clip in enumerate(clips):
+    if clip.ndim != 2 or clip.shape[0] < 1 or clip.shape[1] != n_mels:
+      raise ValueError(f"{name}[{n}] must be log-mels [F >= 1, n_mels = {n_mels}], got "
+                       f"shape {clip.shape}")
+    if not np.all(np.isfinite(clip)):
+      raise ValueError(f"{name}[{n}] holds non-finite values")
+  return clips
+
+
+def check_targets(targets, kind: str, num_classes: int, count: int,
+                  name: str = "targets") -> np.ndarray:
+  """-> ``"speaker"`` labels as int32 ``[count]`` in [0, K), or ``"words"`` multi-hot
+  targets as float32 ``[count, K]`` of 0s and 1s; a ValueError naming them otherwise."""
+  _check_kind(kind, num_classes)
+  targets = np.asarray(targets)
+  if kind == "speaker":
+    if targets.shape != (count,) or not np.issubdtype(targets.dtype, np.integer):
+      raise ValueError(f"{name} of a speaker classifier must be integer labels [{count}], "
+                       f"got {targets.dtype} {targets.shape}")
+    if count and (targets.min() < 0 or targets.max() >= num_classes):
+      raise ValueError(f"{name} must lie in [0, {num_classes}), got range "
+                       f"[{targets.min()}, {targets.max()}]")
+    return targets.astype(np.int32)
+  if targets.shape != (count, num_classes) or not (
+      targets.dtype == bool or np.issubdtype(targets.dtype, np.number)):
+    raise ValueError(f"{name} of a words classifier must be multi-hot [{count}, "
+                     f"{num_classes}], got {targets.dtype} {targets.shape}")
+  if not np.all((targets == 0) | (targets == 1)):
+    raise ValueError(f"{name} of a words classifier must hold only 0 and 1 (or booleans)")
+  return targets.astype(np.float32)
+
+
+def standardisation(clips: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-bin mean and standard deviation (floored at ``STD_FLOOR``) over every frame of
+  ``clips`` ``[F_i, n_mels]`` -> float32 (``[n_mels]``, ``[n_mels]``)."""
+  frames = np.concatenate([np.asarray(clip, np.float64) for clip in clips])
+  return (frames.mean(axis=0).astype(np.float32),
+          np.maximum(frames.std(axis=0), STD_FLOOR).astype(np.float32))
+
+
+def pad_clips(clips: Sequence[np.ndarray], frames: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Clips ``[F_i <= frames, n_mels]`` -> (zero-padded float32 ``[B, frames, n_mels]``,
+  ``valid`` bool ``[B, frames]``)."""
+  n_mels = clips[0].shape[1]
+  batch = np.zeros((len(clips), frames, n_mels), np.float32)
+  valid = np.zeros((len(clips), frames), bool)
+  for n, clip in enumerate(clips):
+    if clip.shape[0] > frames:
+      raise ValueError(f"clip {n} has {clip.shape[0]} frames, more than the {frames} padded to")
+    batch[n, :clip.shape[0]] = clip
+    valid[n, :clip.shape[0]] = True
+  return batch, valid
+
+
+def _batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
+                   num_steps: int):
+  """Yields ``num_steps`` index arrays ``[batch_size]``: consecutive slices of shuffled epochs."""
+  order = np.zeros(0, np.int64)
+  for _ in range(num_steps):
+    while order.size < batch_size:
+      order = np.concatenate([order, rng.permutation(num_examples)])
+    yield order[:batch_size]
+    order = order[batch_size:]
+
+
+def _crop(rng: np.random.Generator, clip: np.ndarray, frames: int) -> np.ndarray:
+  """A random window of ``frames`` frames of a longer clip; shorter clips are returned whole."""
+  extra = clip.shape[0] - frames
+  if extra <= 0:
+    return clip
+  start = int(rng.integers(0, extra + 1))
+  return clip[start:start + frames]
+
+
+def _loss(kind: str, logits, targets):
+  if kind == "speaker":
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+
+def _make_train_step(kind: str, num_classes: int, optimizer: optax.GradientTransformation):
+  """-> jitted ``(params, opt_state, mean, std, log_mels, valid, targets) -> (params,
+  opt_state)``."""
+
+  def loss_fn(params, mean, std, log_mels, valid, targets):
+    logits, _ = SpeechClassifier(num_classes, mean, std).apply(
+        {"params": params}, log_mels, valid)
+    return _loss(kind, logits, targets)
+
+  @jax.jit
+  def step(params, opt_state, mean, std, log_mels, valid, targets):
+    grads = jax.grad(loss_fn)(params, mean, std, log_mels, valid, targets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def train_speech_classifier(log_mels: Sequence[np.ndarray], targets, kind: str,
+                            num_classes: int, num_steps: int = NUM_STEPS,
+                            batch_size: int = BATCH_SIZE,
+                            learning_rate: float = LEARNING_RATE,
+                            weight_decay: float = WEIGHT_DECAY,
+                            max_frames: Optional[int] = None, seed: int = 0,
+                            class_names: Optional[Sequence[str]] = None
+                            ) -> SpeechClassifierParams:
+  """Trains a :class:`SpeechClassifier` with AdamW (cosine-decayed rate): cross entropy over
+  speakers, or per-word sigmoid cross entropy.
+
+  Every batch is padded to ``min(max_frames, longest clip)`` frames (one compilation of the
+  step). A longer speaker clip is cut to a random window of that length each time it is
+  drawn; a words clip is never cut (that could drop its words): a ``max_frames`` below the
+  longest words clip is an error.
+
+  Args:
+    log_mels: the training utterances' log-mels, ``[F_i, n_mels]`` each.
+    targets: ``"speaker"``: int labels ``[N]`` in [0, num_classes); ``"words"``: multi-hot
+      ``[N, num_classes]`` (bool or 0/1), e.g. from :func:`word_targets`.
+    kind: ``"speaker"`` or ``"words"``.
+    num_classes: K.
+    num_steps, batch_size, learning_rate, weight_decay: the optimisation.
+    max_frames: the padded length of training batches; the longest clip's when None.
+    seed: seeds the initialisation, the batch order and the crops; equal seeds give equal
+      parameters.
+    class_names: optional names of the K classes, saved with the classifier.
+  Returns:
+    The trained classifier, with the standardisation of ``log_mels``.
+  """
+  _check_kind(kind, num_classes)
+  clips = check_clips(log_mels, "log_mels")
+  targets = check_targets(targets, kind, num_classes, len(clips), "targets")
+  if class_names is not None:
+    class_names = tuple(str(c) for c in class_names)
+    if len(class_names) != num_classes:
+      raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
+  longest = max(clip.shape[0] for clip in clips)
+  frames = longest if max_frames is None else min(int(max_frames), longest)
+  if frames < 1:
+    raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+  if kind == "words" and frames < longest:
+    raise ValueError(f"max_frames = {max_frames} is below the longest words clip "
+                     f"({longest} frames); cutting it could drop its words")
+  mean, std = standardisation(clips)
+  model = SpeechClassifier(num_classes, mean, std)
+  dummy, dummy_valid = pad_clips(clips[:1], frames)
+  params = model.init(jax.random.PRNGKey(seed), dummy, dummy_valid)["params"]
+  optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps),
+                          weight_decay=weight_decay)
+  opt_state = optimizer.init(params)
+  step = _make_train_step(kind, num_classes, optimizer)
+  rng = np.random.default_rng(seed)
+  for indices in _batch_indices(rng, len(clips), batch_size, num_steps):
+    batch, valid = pad_clips([_crop(rng, clips[n], frames) for n in indices], frames)
+    params, opt_state = step(params, opt_state, mean, std, batch, valid, targets[indices])
+  return SpeechClassifierParams(kind, int(num_classes), mean, std, jax.device_get(params),
+                                class_names)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _forward(params, mean, std, log_mels, valid, num_classes: int):
+  return SpeechClassifier(num_classes, mean, std).apply({"params": params}, log_mels, valid)
+
+
+def predict(classifier: SpeechClassifierParams, log_mels: Sequence[np.ndarray],
+            batch_size: int = PREDICT_BATCH_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+  """Utterances' log-mels ``[F_i, n_mels]`` -> numpy (probabilities ``[N, K]``, features
+  ``[N, CONV_WIDTHS[-1]]``).
+
+  Probabilities are a softmax over speakers, or each word's sigmoid. Whole clips are used
+  (no cropping), in batches of ``min(batch_size, N)`` padded to the longest clip rounded up
+  to ``PREDICT_FRAME_QUANTUM`` frames, the last batch with empty rows: one compilation
+  serves the call.
+  """
+  clips = check_clips(log_mels, "log_mels", classifier.n_mels)
+  quantum = PREDICT_FRAME_QUANTUM
+  frames = -(-max(clip.shape[0] for clip in clips) // quantum) * quantum
+  size = max(1, min(batch_size, len(clips)))
+  probabilities = np.zeros((len(clips), classifier.num_classes), np.float32)
+  features = np.zeros((len(clips), CONV_WIDTHS[-1]), np.float32)
+  for start in range(0, len(clips), size):
+    chunk = clips[start:start + size]
+    batch, valid = pad_clips(chunk, frames)
+    batch = np.pad(batch, ((0, size - len(chunk)), (0, 0), (0, 0)))
+    valid = np.pad(valid, ((0, size - len(chunk)), (0, 0)))
+    logits, batch_features = _forward(classifier.params, classifier.mean, classifier.std,
+                                      batch, valid, classifier.num_classes)
+    if classifier.kind == "speaker":
+      batch_probabilities = jax.nn.softmax(logits, axis=-1)
+    else:
+      batch_probabilities = jax.nn.sigmoid(logits)
+    probabilities[start:start + len(chunk)] = np.asarray(batch_probabilities)[:len(chunk)]
+    features[start:start + len(chunk)] = np.asarray(batch_features)[:len(chunk)]
+  return probabilities, features
+
+
+def mean_f1(predicted, targets) -> float:
+  """Mean over utterances of the F1 of a predicted word set against the true one, both
+  bool ``[N, V]``: ``2 |P & T| / (|P| + |T|)``, 1 when both sets are empty."""
+  predicted, targets = np.asarray(predicted, bool), np.asarray(targets, bool)
+  if predicted.shape != targets.shape or predicted.ndim != 2:
+    raise ValueError(f"mean_f1 needs two [N, V] arrays of the same shape, got "
+                     f"{predicted.shape} and {targets.shape}")
+  both = np.sum(predicted & targets, axis=1)
+  sizes = np.sum(predicted, axis=1) + np.sum(targets, axis=1)
+  return float(np.mean(np.where(sizes == 0, 1.0, 2.0 * both / np.maximum(sizes, 1))))
+
+
+def score(classifier: SpeechClassifierParams, log_mels: Sequence[np.ndarray], targets,
+          batch_size: int = PREDICT_BATCH_SIZE) -> float:
+  """The classifier's score on utterances with known targets (as for training):
+  ``"speaker"``: accuracy of the most probable speaker; ``"words"``: :func:`mean_f1` of the
+  words with probability above ``WORD_THRESHOLD``."""
+  clips = check_clips(log_mels, "log_mels", classifier.n_mels)
+  targets = check_targets(targets, classifier.kind, classifier.num_classes, len(clips),
+                          "targets")
+  probabilities, _ = predict(classifier, clips, batch_size)
+  if classifier.kind == "speaker":
+    return float(np.mean(np.argmax(probabilities, axis=-1) == targets))
+  return mean_f1(probabilities > WORD_THRESHOLD, targets > 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Files
+
+
+def save(path: str, classifier: SpeechClassifierParams) -> None:
+  """Writes the classifier and its metadata atomically to ``path`` (msgpack, no pickle)."""
+  _check_kind(classifier.kind, classifier.num_classes)
+  meta = dict(format=FILE_FORMAT, version=FILE_VERSION, kind=classifier.kind,
+              num_classes=int(classifier.num_classes), n_mels=classifier.n_mels,
+              conv_widths=list(CONV_WIDTHS),
+              class_names=None if classifier.class_names is None
+              else list(classifier.class_names))
+  blob = serialization.to_bytes({
+      "meta": json.dumps(meta, sort_keys=True),
+      "mean": np.asarray(classifier.mean, np.float32),
+      "std": np.asarray(classifier.std, np.float32),
+      "params": jax.device_get(classifier.params)})
+  with files.atomic_write(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(blob)
+
+
+def _param_shapes(params) -> Dict[str, Tuple[int, ...]]:
+  return {"/".join(k): tuple(np.shape(v))
+          for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _check_contents(meta: dict, mean, std, params) -> None:
+  """Raises a ValueError unless the file's arrays fit the classifier its ``meta`` describes."""
+  _check_kind(meta["kind"], meta["num_classes"])
+  if meta["conv_widths"] != list(CONV_WIDTHS):
+    raise ValueError(f"convolution widths {meta['conv_widths']}, this code builds "
+                     f"{list(CONV_WIDTHS)}")
+  n_mels = meta["n_mels"]
+  for name, array in (("mean", mean), ("std", std)):
+    if not isinstance(array, np.ndarray) or array.shape != (n_mels,):
+      raise ValueError(f"{name} must be [{n_mels}], got {np.shape(array)}")
+  if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+    raise ValueError("mean and std must be finite and std > 0")
+  names = meta["class_names"]
+  if names is not None and len(names) != meta["num_classes"]:
+    raise ValueError(f"{len(names)} class names for {meta['num_classes']} classes")
+  if not isinstance(params, dict):
+    raise ValueError(f"parameters are a {type(params).__name__}, not a tree of arrays")
+  model = SpeechClassifier(meta["num_classes"], jnp.zeros(n_mels), jnp.ones(n_mels))
+  dummy = jnp.zeros((1, 8, n_mels), jnp.float32)
+  expected = _param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy,
+                                          jnp.ones((1, 8), bool))["params"])
+  found = _param_shapes(params)
+  if found != expected:
+    raise ValueError(f"parameter shapes {found} do not fit a SpeechClassifier with "
+                     f"num_classes={meta['num_classes']} on {n_mels} mel bins, which has "
+                     f"{expected}")
+
+
+def load(path: str) -> SpeechClassifierParams:
+  """Reads a file of :func:`save`.
+
+  Raises FileNotFoundError for a missing file and ValueError for one that is not a speech
+  classifier file or whose arrays do not fit its metadata; both name ``path``.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no speech classifier file at {path}")
+  with open(path, "rb") as f:
+    blob = f.read()
+  try:
+    contents = serialization.msgpack_restore(blob)
+    meta = json.loads(contents["meta"])
+    if meta["format"] != FILE_FORMAT or meta["version"] != FILE_VERSION:
+      raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
+                       f"{FILE_FORMAT!r} version {FILE_VERSION}")
+    mean, std, params = contents["mean"], contents["std"], contents["params"]
+    _check_contents(meta, mean, std, params)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f"{path} is not a readable speech classifier file written by save "
+                     f"({type(e).__name__}: {e}); remove it to train a new one") from e
+  names = meta["class_names"]
+  return SpeechClassifierParams(meta["kind"], meta["num_classes"], mean.astype(np.float32),
+                                std.astype(np.float32), params,
+                                None if names is None else tuple(names))
+
+
+def get_or_train(path: str, load_data: Callable[[], Tuple[Sequence[np.ndarray], Any]],
+                 kind: str, num_classes: int, n_mels: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None,
+                 **train_kwargs) -> SpeechClassifierParams:
+  """Loads the classifier at ``path``, or trains one and saves it there (atomically).
+
+  Args:
+    path: the classifier file.
+    load_data: ``() -> (log_mels, targets)``, the training data of
+      :func:`train_speech_classifier`; called only when no file exists yet.
+    kind, num_classes: a saved classifier must have the same.
+    n_mels: when given, a saved classifier must take as many mel bins.
+    class_names: when given, saved with a new classifier, and a saved one must have the
+      same names in the same order (e.g. the vocabulary of a words classifier).
+    **train_kwargs: passed to :func:`train_speech_classifier` (only when no file exists
+      yet; a saved classifier is reused whatever it was trained with).
+  Raises:
+    ValueError: naming ``path``, when the saved classifier does not match.
+  """
+  _check_kind(kind, num_classes)
+  names = None if class_names is None else tuple(str(c) for c in class_names)
+  if os.path.exists(path):
+    classifier = load(path)
+    wanted = dict(kind=kind, num_classes=int(num_classes))
+    found = dict(kind=classifier.kind, num_classes=classifier.num_classes)
+    if n_mels is not None:
+      wanted["n_mels"], found["n_mels"] = int(n_mels), classifier.n_mels
+    if names is not None:
+      wanted["class_names"], found["class_names"] = names, classifier.class_names
+    if found != wanted:
+      raise ValueError(f"{path} holds a speech classifier with {found}, but this run needs "
+                       f"{wanted}; remove the file to train a new one")
+    return classifier
+  log_mels, targets = load_data()
+  if n_mels is not None:
+    check_clips(log_mels, "training log_mels", int(n_mels))
+  classifier = train_speech_classifier(log_mels, targets, kind, num_classes,
+                                       class_names=names, **train_kwargs)
+  save(path, classifier)
+  return classifier
