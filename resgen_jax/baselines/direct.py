@@ -62,9 +62,11 @@ class DirectTokenTask(GeneratorTask):
     return loss, {"nll": loss, "accuracy": accuracy,
                   "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth)}
 
-  def network_fn(self, params, model_state, codebooks, labels, valid):
+  def network_fn(self, params, model_state, codebooks, labels, valid, text=None):
     """The sampler's ``(codes, hidden, conditional) -> logits [B, L, D, V]``."""
     del model_state
+    if text is not None:
+      raise ValueError("the direct-token baseline is not text-conditioned")
     null = jnp.full_like(labels, self.null_class)
 
     def network(codes, hidden, conditional):

@@ -13,10 +13,21 @@ map shared by components) followed by a learned per-dimension scale and shift.
 
 ``head="tokens"`` is the direct-token baseline on the same backbone: logits ``[D, V]``, a
 softmax over the V codes of every depth (only hidden depths are trained and sampled).
+
+Text conditioning (speech, ``text_vocab_size > 0``): a :class:`TextEncoder` (token and
+position embeddings, ``text_layers`` bidirectional blocks over the non-padding tokens)
+encodes the transcript, and its output conditions the network in one of two ways
+(``text_mode``, a config choice the method leaves open):
+
+* ``cross``: every block gets a cross-attention sublayer from the token positions to the
+  text (after self-attention, before the MLP);
+* ``prefix``: the encoded text is put before the token positions in one sequence and the
+  blocks attend over both; outputs are read at the token positions only.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -50,6 +61,10 @@ TENSOR_PARALLEL_RULES = (
     (r"/modulation/kernel$", ("fsdp", "tensor")),
     (r"/modulation/bias$", ("tensor",)),
 )
+
+
+TEXT_PAD = 0  # id of padding in text token sequences (audio/text.py: PAD)
+TEXT_MODES = ("cross", "prefix")
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -89,23 +104,60 @@ def adaln_mlp(x: Array, shift: Array, scale: Array, gate: Array, mlp_ratio: int,
 
 
 class AdaLNBlock(nn.Module):
-  """Pre-LN transformer block with adaLN-Zero conditioning (gates start at zero)."""
+  """Pre-LN transformer block with adaLN-Zero conditioning (gates start at zero), and with
+  ``cross_attention`` a pre-LN cross-attention sublayer to a context (the encoded text)."""
   width: int
   num_heads: int
   mlp_ratio: int
   dropout: float
   dtype: jnp.dtype = jnp.float32
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, cond: Array, attn_mask: Array, train: bool) -> Array:
+  def __call__(self, x: Array, cond: Array, attn_mask: Array, train: bool,
+               context: Optional[Array] = None, context_mask: Optional[Array] = None) -> Array:
+    """x ``[B, S, W]``, cond ``[B, W]``, attn_mask ``[B, 1, S, S]``; with cross-attention
+    context ``[B, S_c, W]`` and context_mask ``[B, 1, S, S_c]``."""
     shift1, scale1, gate1, shift2, scale2, gate2 = adaln_modulation(cond, self.width,
                                                                     self.dtype)
+    attention = functools.partial(
+        nn.MultiHeadDotProductAttention, num_heads=self.num_heads, dtype=self.dtype,
+        dropout_rate=self.dropout, deterministic=not train)
     h = modulate(adaln_norm("ln_attn", self.dtype)(x), shift1, scale1)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
-        deterministic=not train, name="attn")(h, h, mask=attn_mask)
-    return adaln_mlp(x + gate1 * h, shift2, scale2, gate2, self.mlp_ratio, self.dropout,
-                     train, self.dtype)
+    x = x + gate1 * attention(name="attn")(h, h, mask=attn_mask)
+    if self.cross_attention:
+      h = nn.LayerNorm(dtype=self.dtype, name="ln_cross")(x)
+      x = x + attention(name="cross_attn")(h, context, mask=context_mask)
+    return adaln_mlp(x, shift2, scale2, gate2, self.mlp_ratio, self.dropout, train,
+                     self.dtype)
+
+
+class TextEncoder(nn.Module):
+  """Text tokens ``[B, S]`` (``TEXT_PAD`` = padding) -> encodings ``[B, S, W]``:
+  embeddings plus learned positions through ``num_layers`` bidirectional adaLN blocks
+  (conditioned like the main network) whose keys are the non-padding tokens."""
+  vocab_size: int
+  max_length: int
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array, cond: Array, train: bool = False) -> Array:
+    if tokens.shape[1] > self.max_length:
+      raise ValueError(f"{tokens.shape[1]} text tokens exceed the model's {self.max_length}")
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                     (self.max_length, self.width))
+    x = (nn.Embed(self.vocab_size, self.width, name="embedding")(tokens)
+         + pos[:tokens.shape[1]]).astype(self.dtype)
+    mask = nn.make_attention_mask(jnp.ones(tokens.shape, bool), tokens != TEXT_PAD)
+    for i in range(self.num_layers):
+      x = AdaLNBlock(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                     name=f"block_{i}")(x, cond, mask, train)
+    return nn.LayerNorm(dtype=self.dtype, name="ln_out")(x)
 
 
 def block_class(remat: bool, policy: str = ""):
@@ -132,11 +184,14 @@ class ScannedBlock(nn.Module):
   remat: bool
   remat_policy: str = ""
 
+  cross_attention: bool = False
+
   @nn.compact
-  def __call__(self, x: Array, cond: Array, attn_mask: Array):
+  def __call__(self, x: Array, cond: Array, attn_mask: Array, *context):
     block = block_class(self.remat, self.remat_policy)
     return block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                 name="block")(x, cond, attn_mask, self.train), None
+                 self.cross_attention, name="block")(x, cond, attn_mask, self.train,
+                                                     *context), None
 
 
 class ResGenTransformer(nn.Module):
@@ -158,13 +213,19 @@ class ResGenTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   head: str = "mixture"  # mixture (ResGen) or tokens (a softmax per depth, the baseline)
   codebook_size: int = 0  # V, for head="tokens"
+  text_vocab_size: int = 0  # text token ids (PAD and NULL included); 0: no text input
+  max_text_length: int = 0  # S_max, text tokens the encoder takes
+  text_layers: int = 0  # TextEncoder blocks
+  text_mode: str = "cross"  # cross | prefix (see the module docstring)
 
   @nn.compact
   def __call__(self, visible_sum: Array, hidden: Array, labels: Array,
-               valid: Optional[Array] = None, train: bool = False):
+               valid: Optional[Array] = None, train: bool = False,
+               text: Optional[Array] = None):
     """Args:
       visible_sum: ``[B, L, d]``; hidden: int ``[B, L]`` in 0..D; labels: int ``[B]`` in
-      0..num_classes (num_classes = null); valid: bool ``[B, L]`` (None: all valid).
+      0..num_classes (num_classes = null); valid: bool ``[B, L]`` (None: all valid);
+      text: int ``[B, S]`` text tokens (``TEXT_PAD`` = padding) when ``text_vocab_size``.
     Returns:
       ``head="mixture"``: logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32);
       ``head="tokens"``: logits ``[B, L, D, V]`` (float32).
@@ -180,18 +241,35 @@ class ResGenTransformer(nn.Module):
          + pos[:length]).astype(self.dtype)
     x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     cond = nn.Embed(self.num_classes + 1, self.width, name="class_embedding")(labels)
-    attn_mask = nn.make_attention_mask(jnp.ones_like(valid), valid)  # keys: real only
+    keys, context = valid, ()
+    if self.text_vocab_size:
+      if text is None:
+        raise ValueError("this model is conditioned on text: pass text tokens [B, S]")
+      if self.text_mode not in TEXT_MODES:
+        raise ValueError(f"generator.model.text_mode must be one of {TEXT_MODES}, got "
+                         f"{self.text_mode!r}")
+      encoded = TextEncoder(self.text_vocab_size, self.max_text_length, self.width,
+                            self.text_layers, self.num_heads, self.mlp_ratio, self.dropout,
+                            self.dtype, name="text_encoder")(text, cond, train)
+      if self.text_mode == "prefix":
+        x, keys = jnp.concatenate([encoded, x], 1), jnp.concatenate([text != TEXT_PAD, valid], 1)
+      else:
+        context = (encoded, nn.make_attention_mask(jnp.ones_like(valid), text != TEXT_PAD))
+    attn_mask = nn.make_attention_mask(jnp.ones_like(keys), keys)  # keys: real only
+    cross = bool(context)
     if self.scan_layers:
       stack = nn.scan(ScannedBlock, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
+                      in_axes=(nn.broadcast,) * (2 + len(context)), length=self.num_layers)
       x, _ = stack(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                   train, self.remat, self.remat_policy, name="blocks")(x, cond, attn_mask)
+                   train, self.remat, self.remat_policy, cross,
+                   name="blocks")(x, cond, attn_mask, *context)
     else:
       block = block_class(self.remat, self.remat_policy)
       for i in range(self.num_layers):
         x = block(self.width, self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
-                  name=f"block_{i}")(x, cond, attn_mask, train)
+                  cross, name=f"block_{i}")(x, cond, attn_mask, train, *context)
+    x = x[:, x.shape[1] - length:]  # the token positions (after a text prefix)
     shift, scale = jnp.split(
         nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros, name="final_modulation")(
             nn.silu(cond))[:, None], 2, axis=-1)

@@ -1,20 +1,28 @@
 """Stage 2: trains the ResGen generator on cached RVQ tokens with the shared trainer.
 
 A batch is ``{"codes": int [B, ..., D], "label": int [B]}`` (images: ``[B, h, w, D]``,
-flattened to ``L = h*w`` positions) with an optional ``"valid": bool [B, L]`` padding mask
-for variable-length sequences. The tokenizer's codebooks are a frozen input (``constants``).
+flattened to ``L = h*w`` positions) with an optional ``"valid_positions": bool [B, L]``
+padding mask for variable-length sequences (speech) and, for a text-conditioned model, the
+transcript ``"text": int [B, S]`` (``model.TEXT_PAD`` padding). The tokenizer's codebooks
+are a frozen input (``constants``).
 
 Per step: draw the depth-wise mask as hidden counts ``k`` (masking.py), embed the tokens,
 feed the visible prefix sums, and fit the mixture head to the hidden sums (the targets) at
 positions with ``k > 0``; the class is replaced by the null class with probability
-``loss.cond_dropout``. Targets are optionally divided by their RMS for each hidden count
-(``loss.target_norm``), measured once on the first batch and kept in ``model_state``.
+``loss.cond_dropout`` (and the text by the null text, ``NULL_TEXT`` alone). Targets are
+optionally divided by their RMS for each hidden count (``loss.target_norm``), measured once
+on the first batch and kept in ``model_state``.
+
+Prompts (speech): with probability ``loss.prompt_prob`` an example keeps a random prefix of
+up to ``loss.prompt_max_fraction`` of its positions wholly visible, never masked and never
+scored, as a speech prompt is at synthesis time (our default; the method leaves how
+prompts are trained open).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +31,11 @@ import numpy as np
 
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, mixture, sampler
-from resgen_jax.generator.model import ResGenTransformer, block_class
+from resgen_jax.generator.model import TEXT_MODES, ResGenTransformer, block_class
 from resgen_jax.train.task import Task
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NULL_TEXT = 1  # the text token of "no text" (audio/text.py: NULL): the CFG null condition
 EVAL_MASK_SEED = 1234  # evaluation draws the same masks every time, so evals compare
 
 
@@ -42,6 +51,22 @@ def flatten_tokens(batch: dict, depth: int):
   valid = batch.get("valid_positions")
   valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
   return codes, batch["label"].astype(jnp.int32), valid
+
+
+def null_text(text: jax.Array) -> jax.Array:
+  """The unconditional text of a batch's shape ``[B, S]``: ``NULL_TEXT`` then padding."""
+  return jnp.zeros_like(text).at[:, 0].set(NULL_TEXT)
+
+
+def prompt_positions(rng: jax.Array, valid: jax.Array, prob: float,
+                     max_fraction: float) -> jax.Array:
+  """Training prompts: bool ``[B, L]``, a prefix of ``floor(u * max_fraction * L_valid)``
+  positions (``u ~ U[0, 1)``) for an example drawn with probability ``prob``, else none."""
+  use_key, length_key = jax.random.split(rng)
+  lengths = jnp.floor(jax.random.uniform(length_key, valid.shape[:1]) * max_fraction *
+                      jnp.sum(valid, axis=-1)).astype(jnp.int32)
+  lengths = jnp.where(jax.random.bernoulli(use_key, prob, lengths.shape), lengths, 0)
+  return jnp.arange(valid.shape[1]) < lengths[:, None]
 
 
 class TokenTask(Task):
@@ -79,27 +104,47 @@ class GeneratorTask(TokenTask):
   """ResGen over token grids ``[L, D]`` with ``num_classes`` classes."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
-               num_positions: int, depth: int, num_classes: int):
+               num_positions: int, depth: int, num_classes: int, text_vocab_size: int = 0,
+               max_text_length: int = 0):
+    """``text_vocab_size > 0`` conditions the model on text of up to ``max_text_length``
+    tokens (``generator.model.text_mode``, ``text_layers``)."""
     super().__init__(cfg, codebooks, num_positions, depth, num_classes)
     m, loss = cfg.model, cfg.loss
     if loss.kind not in mixture.LOSSES:
       raise ValueError(f"generator.loss.kind must be one of {mixture.LOSSES}, got {loss.kind!r}")
     if loss.sigma <= 0:
       raise ValueError(f"generator.loss.sigma must be positive, got {loss.sigma}")
+    if not (0.0 <= loss.prompt_prob <= 1.0 and 0.0 <= loss.prompt_max_fraction < 1.0):
+      raise ValueError(f"generator.loss.prompt_prob must be in [0, 1] and prompt_max_fraction "
+                       f"in [0, 1), got {loss.prompt_prob} and {loss.prompt_max_fraction}")
+    if text_vocab_size and m.text_mode not in TEXT_MODES:
+      raise ValueError(f"generator.model.text_mode must be one of {TEXT_MODES}, got "
+                       f"{m.text_mode!r}")
     masking.schedule(loss.schedule)  # validates the name
+    self.text_vocab_size, self.max_text_length = text_vocab_size, max_text_length
     self.model = ResGenTransformer(
         num_positions=num_positions, token_depth=depth, latent_dim=codebooks.shape[-1],
         num_classes=num_classes, width=m.width, num_layers=m.num_layers,
         num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_components=m.num_components,
         low_rank=m.low_rank, dropout=m.dropout, remat=m.remat,
-        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
+        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=DTYPES[m.dtype],
+        text_vocab_size=text_vocab_size, max_text_length=max_text_length,
+        text_layers=m.text_layers, text_mode=m.text_mode)
     block_class(m.remat, m.remat_policy)  # validates the policy name
+
+  def text(self, batch: dict):
+    """The batch's text tokens ``[B, S]`` for a text-conditioned model, else None."""
+    if not self.text_vocab_size:
+      return None
+    if "text" not in batch:
+      raise ValueError("a text-conditioned generator needs 'text' [B, S] in its batches")
+    return batch["text"].astype(jnp.int32)
 
   def init(self, rng, batch):
     codes, labels, valid = self.flatten(batch)
     visible = jnp.zeros(codes.shape[:2] + (self.codebooks.shape[-1],))
     params = {"model": self.model.init(rng, visible, jnp.zeros(codes.shape[:2], jnp.int32),
-                                       labels, valid)["params"]}
+                                       labels, valid, text=self.text(batch))["params"]}
     if self.cfg.loss.learn_sigma:
       params["log_sigma"] = jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32)
     return params, {"target_rms": jnp.ones((self.depth + 1,), jnp.float32)}
@@ -127,16 +172,24 @@ class GeneratorTask(TokenTask):
     probability ``loss.cond_dropout`` when ``train``), ``valid [B,L]``, ``hidden [B,L]``,
     the network input ``visible [B,L,d]``, the hidden sums ``target [B,L,d]`` and the
     network's ``dropout_key``. Shared by every family on the masked backbone."""
+    loss_cfg = self.cfg.loss
     codes, labels, valid = self.flatten(batch)
-    mask_key, drop_key, dropout_key = jax.random.split(rng, 3)
-    hidden = masking.sample_hidden_counts(mask_key, valid, self.depth,
-                                          masking.schedule(self.cfg.loss.schedule))
+    text = self.text(batch)
+    mask_key, drop_key, dropout_key, prompt_key = jax.random.split(rng, 4)
+    maskable = valid
+    if loss_cfg.prompt_prob > 0:
+      maskable = valid & ~prompt_positions(prompt_key, valid, loss_cfg.prompt_prob,
+                                           loss_cfg.prompt_max_fraction)
+    hidden = masking.sample_hidden_counts(mask_key, maskable, self.depth,
+                                          masking.schedule(loss_cfg.schedule))
     visible, target = masking.split_embeddings(rvq.embed(codes, constants["codebooks"]), hidden)
     if train:
-      dropped = jax.random.bernoulli(drop_key, self.cfg.loss.cond_dropout, labels.shape)
+      dropped = jax.random.bernoulli(drop_key, loss_cfg.cond_dropout, labels.shape)
       labels = jnp.where(dropped, self.null_class, labels)
+      if text is not None:
+        text = jnp.where(dropped[:, None], null_text(text), text)
     return dict(codes=codes, labels=labels, valid=valid, hidden=hidden, visible=visible,
-                target=target, dropout_key=dropout_key)
+                target=target, dropout_key=dropout_key, text=text)
 
   def losses(self, params, model_state, constants, batch, rng, train: bool):
     """Loss terms and metrics of one batch with masks drawn from ``rng``."""
@@ -146,7 +199,8 @@ class GeneratorTask(TokenTask):
     visible, labels = m["visible"], m["labels"]
     target = m["target"] / model_state["target_rms"][hidden][..., None]
     logits, means = self.model.apply({"params": params["model"]}, visible, hidden, labels,
-                                     valid, train=train, rngs={"dropout": dropout_key})
+                                     valid, train=train, text=m["text"],
+                                     rngs={"dropout": dropout_key})
     weights = ((hidden > 0) & valid).astype(jnp.float32)
     log_sigma = self.log_sigma(params)
     terms = mixture.jensen_losses(target, logits, means, log_sigma, weights,
@@ -179,15 +233,18 @@ class GeneratorTask(TokenTask):
     return sums
 
   def network_fn(self, params, model_state, codebooks, labels: jax.Array,
-                 valid: jax.Array) -> Callable:
-    """The sampler's ``(codes, hidden, conditional) -> (logits, means)`` for these labels;
-    means are returned in embedding units (target normalisation undone)."""
+                 valid: jax.Array, text: Optional[jax.Array] = None) -> Callable:
+    """The sampler's ``(codes, hidden, conditional) -> (logits, means)`` for these labels
+    (and text); means are returned in embedding units (target normalisation undone). The
+    unconditional call takes the null class and the null text."""
     null = jnp.full_like(labels, self.null_class)
+    null_txt = None if text is None else null_text(text)
 
     def network(codes, hidden, conditional):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
       logits, means = self.model.apply({"params": params["model"]}, visible, hidden,
-                                       labels if conditional else null, valid)
+                                       labels if conditional else null, valid,
+                                       text=text if conditional else null_txt)
       return logits, means * model_state["target_rms"][hidden][..., None, None]
 
     return network
@@ -199,10 +256,20 @@ class GeneratorTask(TokenTask):
     interface every generator family shares (the pipeline, sweeps and benchmarks call only
     this)."""
     start = jnp.zeros((labels.shape[0], self.num_positions, self.depth), jnp.int32)
-    network = self.network_fn(params, model_state, codebooks, labels,
-                              jnp.ones(start.shape[:2], bool))
-    return sampler.unmask(self.proposal(network, codebooks, scfg), start,
-                          jnp.zeros(start.shape, bool), rng, scfg).codes
+    return self.infill(params, model_state, codebooks, start, jnp.zeros(start.shape, bool),
+                       jnp.ones(start.shape[:2], bool), labels, rng, scfg).codes
+
+  def infill(self, params, model_state, codebooks, codes: jax.Array, known: jax.Array,
+             valid: jax.Array, labels: jax.Array, rng: jax.Array,
+             scfg: ml_collections.ConfigDict, text: Optional[jax.Array] = None
+             ) -> sampler.SampleOutput:
+    """Fills the unknown tokens of ``codes [B, L, D]`` (``known``: a depth prefix per
+    position, e.g. a speech prompt's frames) at the ``valid [B, L]`` positions, given the
+    labels ``[B]`` (and ``text [B, S]``); known tokens come back unchanged. Positions
+    outside ``valid`` (padding) are treated as known and never attended to."""
+    known = known | ~valid[..., None]
+    network = self.network_fn(params, model_state, codebooks, labels, valid, text)
+    return sampler.unmask(self.proposal(network, codebooks, scfg), codes, known, rng, scfg)
 
   def proposal(self, network, codebooks, scfg):
     """The sampler's proposal for this model's ``network_fn``: ResGen's mixture."""
