@@ -12,6 +12,9 @@ import os
 
 import ml_collections
 
+from resgen_jax.audio import corpus, frontend
+from resgen_jax.audio import text as text_lib
+
 # Fields (or whole sections) that may differ between a run's saved config.json and the
 # config that resumes it: they change how verbosely a run goes, where its data lives, or how
 # it samples, not what it trains. (num_steps is not among them: it shapes the learning-rate
@@ -32,6 +35,7 @@ RESUMABLE_FIELDS = (
     "generator.train.keep_checkpoints",
     "generator.train.async_checkpoints",
     "sampler",
+    "synth",
     "evaluation",
     "data.data_dir",
     "data.path",
@@ -91,6 +95,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
           dropout_prob=0.0,  # quantizer dropout: prob. of training with a random depth
           init_scale=1.0,  # std of random initial codebooks (before k-means/restarts)
       ),
+      crop_frames=64,  # speech codec: mel frames of each training crop (multiple of f)
       loss=dict(
           recon="l2",  # reconstruction loss: l1 or l2
           recon_weight=1.0,  # weight of the reconstruction loss
@@ -125,6 +130,11 @@ def generator_config() -> ml_collections.ConfigDict:
           remat_policy="",  # what remat may save: "" nothing, or a jax.checkpoint_policies name
           scan_layers=False,  # blocks under nn.scan: compile time independent of depth
           dtype="float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
+          # speech: how the transcript conditions the network (generator/model.py): cross
+          # (cross-attention in every block) or prefix (text encodings before the tokens)
+          text_mode="cross",
+          text_layers=2,  # speech: blocks of the text encoder
+          max_positions=0,  # speech: token frames (prompt + target); 0: from data.max_seconds
       ),
       rq=dict(  # family=rq_transformer: model.* sizes the spatial transformer
           depth_layers=2,  # layers of the depth transformer run at every position
@@ -135,7 +145,11 @@ def generator_config() -> ml_collections.ConfigDict:
           sigma=0.5,  # mixture standard deviation (in normalised target units)
           learn_sigma=False,  # learn sigma (a scalar) instead of fixing it
           target_norm=True,  # divide targets by their RMS per hidden count k (from data)
-          cond_dropout=0.1,  # probability of the null class in training (for CFG)
+          cond_dropout=0.1,  # probability of the null class (and null text) in training (CFG)
+          # speech: share of examples trained with a wholly visible prefix (a prompt) of up to
+          # prompt_max_fraction of their frames, as zero-shot synthesis conditions on one
+          prompt_prob=0.0,
+          prompt_max_fraction=0.5,
       ),
       train=train_config(learning_rate=5e-4, weight_decay=0.01, b2=0.98, ema_decay=0.999),
   ))
@@ -157,6 +171,20 @@ def sampler_config() -> ml_collections.ConfigDict:
       batch_size=256,  # samples per jitted sampler call
       seed=0,  # sampling seed
       tag="",  # name of the sample set; empty: derived from steps / cfg / temperatures
+  ))
+
+
+def synth_config() -> ml_collections.ConfigDict:
+  """Zero-shot speech synthesis (``--mode=synthesize``, audio/tts.py)."""
+  return ml_collections.ConfigDict(dict(
+      text="",  # what to say
+      prompt_wav="",  # a WAV of the voice to speak it in (about 3 s; 16-bit PCM, any rate)
+      prompt_text="",  # the prompt's transcript
+      seconds=0.0,  # length of the generated speech; 0: the prompt's speaking rate
+      # batch synthesis: a TSV of prompt_wav<TAB>prompt_text<TAB>text[<TAB>name] rows
+      manifest="",
+      output="",  # WAV path (one text) or directory (manifest); "": under DIR/synth/
+      batch_size=8,  # utterances per sampler call
   ))
 
 
@@ -188,7 +216,17 @@ def base_config() -> ml_collections.ConfigDict:
           train_split="train",  # split names
           eval_split="test",
           shuffle_buffer=10_000,  # streaming (imagenet2012) shuffle buffer
+          # speech (name espeak | manifest | librispeech; audio/corpus.py): clips outside
+          # [min_seconds, max_seconds] are dropped; max_seconds also sets how many token
+          # frames the generator handles (generator.model.max_positions = 0)
+          min_seconds=0.5,
+          max_seconds=20.0,
+          max_utterances=0,  # librispeech: read at most this many per split; 0 = all
+          espeak=corpus.speech_data_config().espeak,  # the embedded synthetic corpus
       ),
+      audio=frontend.audio_config(),  # speech: sample rate, STFT and mel settings, vocoder
+      text=text_lib.text_config(),  # speech: the transcript tokenizer and its length limit
+      synth=synth_config(),
       tokenizer=tokenizer_config(),
       generator=generator_config(),
       sampler=sampler_config(),
@@ -205,6 +243,11 @@ def base_config() -> ml_collections.ConfigDict:
           proxy_every=0,
           proxy_samples=500,
           tokenizer_rfid=True,  # reconstruction FID per depth prefix in the tokenizer report
+          # speech (audio/evaluation.py): prompt length of the continuation task, target
+          # utterances per task (0: every eligible one), classifier training steps
+          tts_prompt_seconds=3.0,
+          tts_max_utterances=0,
+          tts_classifier_steps=600,
       ),
   ))
 

@@ -4,7 +4,9 @@
 
 ``--mode=train`` runs the stages the config lists (``config.stages``); ``--mode=encode``,
 ``--mode=sample`` and ``--mode=evaluate`` run just that stage with already trained models
-(e.g. ``--mode=sample --config.sampler.cfg_scale=2`` for another sample set). Any config field can be overridden, e.g.
+(e.g. ``--mode=sample --config.sampler.cfg_scale=2`` for another sample set); speech configs
+add ``--mode=synthesize`` (``--config.synth.text``, ``--config.synth.prompt_wav``,
+``--config.synth.prompt_text``). Any config field can be overridden, e.g.
 ``--config.tokenizer.quantizer.depth=16``. Rerunning a command resumes where it stopped.
 Multi-process runs start the same command in every process (``--coordinator_address``,
 ``--num_processes``, ``--process_id``; see ``train/distributed.py``).
@@ -22,9 +24,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "encode", "sample", "evaluate"],
+    "mode", "train", ["train", "encode", "sample", "evaluate", "synthesize"],
     "train: run config.stages; encode: only cache tokens; sample: draw samples with the "
-    "trained models (config.sampler); evaluate: score those samples.")
+    "trained models (config.sampler); evaluate: score those samples (speech: the zero-shot "
+    "tasks); synthesize (speech): say config.synth.text in the voice of "
+    "config.synth.prompt_wav, or every row of config.synth.manifest.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "Multi-process runs: host:port of process 0's coordinator (see train/distributed.py; "
@@ -34,7 +38,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODE_STAGES = {"train": None, "encode": ("encode",), "sample": ("sample",),
-               "evaluate": ("evaluate",)}
+               "evaluate": ("evaluate",), "synthesize": ("synthesize",)}
 
 
 def _hide_gpus_from_tensorflow():

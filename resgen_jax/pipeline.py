@@ -32,6 +32,7 @@ import numpy as np
 
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
+from resgen_jax.audio import corpus
 from resgen_jax.baselines.direct import DirectTokenTask
 from resgen_jax.baselines.rq_transformer import RQTransformerTask
 from resgen_jax.codec import rvq, token_cache
@@ -615,12 +616,18 @@ STAGES: Dict[str, Callable] = {"tokenizer": run_tokenizer, "encode": run_encode,
 def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
   """Runs ``stages`` (default ``config.stages``) in order in ``workdir``."""
   stages = tuple(config.stages if stages is None else stages)
-  unknown = [s for s in stages if s not in STAGES]
+  table = STAGES
+  if config.data.name in corpus.SPEECH_SOURCES:
+    from resgen_jax.audio import tts  # pylint: disable=g-import-not-at-top
+    table = tts.STAGES
+  unknown = [s for s in stages if s not in table]
   if unknown:
-    raise ValueError(f"unknown stages {unknown}; known: {sorted(STAGES)}")
+    kind = "speech" if table is not STAGES else "image"
+    raise ValueError(f"unknown stages {unknown} for a {kind} config (data.name="
+                     f"{config.data.name!r}); known: {sorted(table)}")
   os.makedirs(workdir, exist_ok=True)
   write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   for stage in stages:
     logging.info("stage %s", stage)
-    STAGES[stage](config, workdir, mesh)
+    table[stage](config, workdir, mesh)

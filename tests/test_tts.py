@@ -1,0 +1,181 @@
+"""The speech pipeline end to end on a tiny eSpeak corpus: codec and generator training
+steps, token caching, the synthesis CLI, batch synthesis, the zero-shot evaluation export,
+and the errors bad prompts and texts get."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from resgen_jax import pipeline
+from resgen_jax.audio import codec as codec_lib
+from resgen_jax.audio import espeak, frontend, tts
+from resgen_jax.audio import evaluation as tts_eval
+from resgen_jax.train import mesh as mesh_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tts_tiny.py")
+# Small enough for a test: a few utterances, two steps of each stage, tiny models.
+OVERRIDES = dict(
+    **{"data.espeak.train_utterances": 12, "data.espeak.eval_utterances": 8,
+       "data.max_seconds": 3.0, "tokenizer.model.channels": 8,
+       "tokenizer.model.latent_dim": 8, "tokenizer.quantizer.depth": 4,
+       "tokenizer.quantizer.codebook_size": 16, "tokenizer.crop_frames": 32,
+       "tokenizer.train.batch_size": 8, "tokenizer.train.num_steps": 2,
+       "tokenizer.train.warmup_steps": 1, "tokenizer.train.eval_batch_size": 8,
+       "generator.model.width": 32, "generator.model.num_layers": 1,
+       "generator.model.num_heads": 2, "generator.model.text_layers": 1,
+       "generator.model.num_components": 4, "generator.model.low_rank": 4,
+       "generator.train.batch_size": 8, "generator.train.num_steps": 2,
+       "generator.train.warmup_steps": 1, "generator.train.eval_batch_size": 8,
+       "sampler.steps": 3, "synth.batch_size": 4, "evaluation.tts_classifier_steps": 3,
+       "evaluation.tts_prompt_seconds": 0.5})
+
+
+def tiny_config():
+  from resgen_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config_file(CONFIG)
+  for key, value in OVERRIDES.items():
+    section = config
+    *path, name = key.split(".")
+    for part in path:
+      section = section[part]
+    section[name] = value
+  return config
+
+
+def cli_flags():
+  return [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A workdir after one training run of the codec and the generator (two steps each)."""
+  workdir = str(tmp_path_factory.mktemp("tts"))
+  config = tiny_config()
+  pipeline.run(config, workdir, ("tokenizer", "encode", "generator"))
+  prompt = os.path.join(workdir, "prompt.wav")
+  wave, rate = espeak.synthesize("one two three four", "en+f5", 170, 50)
+  frontend.write_wav(prompt, wave, rate)
+  return config, workdir, prompt
+
+
+def test_training_steps_and_token_cache(run):
+  config, workdir, _ = run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = f.read()
+  assert '"stage": "tokenizer"' in rows and '"stage": "generator"' in rows
+  report = tts.load_speech_tokens(workdir, "train")
+  assert report["codes"].shape[-1] == 4 and len(report["texts"]) == len(report["lengths"])
+  codec = codec_lib.SpeechCodec(config.tokenizer, config.audio)
+  utterances, mels = tts.split_mels(config, "train")
+  assert [u.uid for u in utterances] == list(report["uids"])
+  np.testing.assert_array_equal(report["lengths"], [codec.latent_frames(m.shape[0])
+                                                    for m in mels])
+
+
+def test_synthesize_cli_writes_a_wav_of_the_expected_length(run, tmp_path):
+  config, workdir, prompt = run
+  out = str(tmp_path / "hello.wav")
+  seconds = 0.6
+  result = subprocess.run(
+      [sys.executable, "-m", "resgen_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+       "--mode=synthesize", *cli_flags(), "--config.synth.text=six seven",
+       f"--config.synth.prompt_wav={prompt}", "--config.synth.prompt_text=one two three four",
+       f"--config.synth.seconds={seconds}", f"--config.synth.output={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  wave, rate = frontend.read_wav(out)
+  audio = config.audio
+  frames = -(-frontend.num_frames(int(seconds * audio.sample_rate), audio) // 2 ** 2)
+  assert rate == audio.sample_rate
+  assert wave.shape == (frames * 4 * audio.hop_length,)
+  assert np.all(np.isfinite(wave)) and np.max(np.abs(wave)) > 0
+
+
+def test_batch_synthesis_from_a_manifest_keeps_existing_outputs(run, tmp_path):
+  config, workdir, prompt = run
+  manifest = tmp_path / "requests.tsv"
+  manifest.write_text(f"# prompt_wav\tprompt_text\ttext\tname\n"
+                      f"{prompt}\tone two three four\tfive\tfirst\n"
+                      f"{prompt}\tone two three four\tsix seven eight nine\tsecond\n")
+  out_dir = tmp_path / "out"
+  config = config.copy_and_resolve_references()
+  config.synth.manifest, config.synth.output = str(manifest), str(out_dir)
+  os.makedirs(out_dir)
+  (out_dir / "first.wav").write_bytes(b"kept")
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  paths = tts.run_synthesize(config, workdir, mesh)
+  assert paths == [str(out_dir / "first.wav"), str(out_dir / "second.wav")]
+  assert (out_dir / "first.wav").read_bytes() == b"kept"
+  wave, _ = frontend.read_wav(str(out_dir / "second.wav"))
+  codec, codec_state, task, _, tokenizer = tts.load_generator(config, workdir, mesh)
+  prompt_codes = tts.read_prompt(prompt, codec, codec_state, config.audio)
+  frames = tts.speaking_rate_frames(len(prompt_codes), "one two three four",
+                                    "six seven eight nine", tokenizer)
+  assert frames > tts.speaking_rate_frames(len(prompt_codes), "one two three four", "five",
+                                           tokenizer)
+  assert wave.shape == (frames * codec.downsample * config.audio.hop_length,)
+
+
+def test_bad_prompts_and_texts_get_clear_errors(run, tmp_path):
+  config, workdir, prompt = run
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  codec, codec_state, task, _, tokenizer = tts.load_generator(config, workdir, mesh)
+  codes = tts.read_prompt(prompt, codec, codec_state, config.audio)
+  limits = dict(tokenizer=tokenizer, num_positions=task.num_positions,
+                max_text_length=config.text.max_length, codec=codec, audio_cfg=config.audio)
+  long_prompt = np.zeros((task.num_positions, codes.shape[1]), np.int32)
+  with pytest.raises(ValueError, match="maximum length"):
+    tts.make_request("x", long_prompt, "one", "two", **limits)
+  with pytest.raises(ValueError, match="exceed the model's maximum length"):
+    tts.make_request("x", codes, "one", "two", seconds=30.0, **{
+        k: v for k, v in limits.items()})
+  with pytest.raises(ValueError, match="empty"):
+    tts.make_request("x", codes, "one two", "   ", **limits)
+  with pytest.raises(ValueError, match="#"):
+    tts.make_request("x", codes, "one two", "three # four", **limits)
+  silent = str(tmp_path / "silent.wav")
+  frontend.write_wav(silent, np.zeros(8000), 16000)
+  with pytest.raises(ValueError, match="silent"):
+    tts.read_prompt(silent, codec, codec_state, config.audio)
+  corrupt = tmp_path / "corrupt.wav"
+  corrupt.write_bytes(b"RIFF....WAVEjunk")
+  with pytest.raises(ValueError, match="corrupt.wav"):
+    tts.read_prompt(str(corrupt), codec, codec_state, config.audio)
+  with pytest.raises(FileNotFoundError, match="missing.wav"):
+    tts.read_prompt(str(tmp_path / "missing.wav"), codec, codec_state, config.audio)
+  config = config.copy_and_resolve_references()
+  config.synth.text = "two"
+  with pytest.raises(ValueError, match="synth.prompt_wav, synth.prompt_text"):
+    tts.run_synthesize(config, workdir, mesh)
+
+
+def test_zero_shot_evaluation_exports_both_tasks(run):
+  config, workdir, _ = run
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  report = tts_eval.run_evaluate(config, workdir, mesh)
+  out_dir = os.path.join(workdir, tts_eval.EVAL_DIR, tts_eval.eval_tag(config))
+  utterances, _ = tts.split_mels(config, config.data.eval_split)
+  by_uid = {u.uid: u for u in utterances}
+  for task in tts_eval.TASKS:
+    if task not in report:
+      continue
+    with open(os.path.join(out_dir, task, "meta.lst")) as f:
+      rows = [line.rstrip("\n").split("|") for line in f]
+    assert len(rows) == report[task]["num_utterances"] > 0
+    for uid, prompt_text, prompt_wav, target_text, gt_wav in rows:
+      assert target_text == by_uid[uid].text
+      gt, _ = frontend.read_wav(os.path.join(out_dir, task, gt_wav))
+      np.testing.assert_allclose(gt, by_uid[uid].wave, atol=1.0 / 32768 + 1e-6)
+      generated, _ = frontend.read_wav(os.path.join(out_dir, task, "wavs", uid + ".wav"))
+      assert generated.size > 0 and os.path.exists(os.path.join(out_dir, task, prompt_wav))
+      if task == "continuation":  # prompt + continuation, as long as the real utterance
+        assert prompt_text == ""
+        assert abs(generated.size - gt.size) < 4 * config.audio.hop_length * 2
+  assert "mcd_db" in report["continuation"] and report["continuation"]["mcd_db"] >= 0
+  assert 0 < report["cross_sentence"]["duration_ratio"]
+  assert 0 <= report["cross_sentence"]["word_f1"]["real"] <= 1
+  assert tts_eval.run_evaluate(config, workdir, mesh) == report  # kept, not redone
