@@ -68,5 +68,5 @@ def get_config():
   config.sampler.cfg_scale = 2.0
   config.synth.batch_size = 16
   config.evaluation.tts_prompt_seconds = 1.0
-  config.evaluation.tts_classifier_steps = 300
+  config.evaluation.tts_classifier_steps = 1500  # word F1 on real unseen voices: 0.66 at 1000
   return config

@@ -142,3 +142,19 @@ def test_codec_refuses_bad_settings_and_inputs():
     codec._check(np.zeros((1, 31, audio.n_mels)))
   with pytest.raises(ValueError, match="n_mels = 24"):
     codec._check(np.zeros((1, 32, 80)))
+
+
+def test_librispeech_codec_is_the_papers_32_depths_of_1024_codes_at_10_8_frames_per_second():
+  config = config_base.load_config_file("configs/librispeech.py")
+  tok, audio = config.tokenizer, config.audio
+  assert (tok.quantizer.depth, tok.quantizer.codebook_size) == (32, 1024)
+  codec = codec_lib.SpeechCodec(tok, audio)
+  assert abs(audio.sample_rate / audio.hop_length / codec.downsample - 10.8) < 0.05
+  tok.model.channels = 32  # the layout of the config at a test's size
+  codec = codec_lib.SpeechCodec(tok, audio)
+  mels = np.random.default_rng(0).normal(-5, 2, (1, 64, audio.n_mels)).astype(np.float32)
+  params = codec.autoencoder.init(jax.random.key(0), codec.normalize(mels))["params"]
+  books = codec.init_codebooks(jax.random.key(1))
+  codes = codec.encode(params, books, mels)
+  assert codes.shape == (1, 8, 32) and int(codes.max()) < 1024
+  assert codec.decode(params, books, codes).shape == mels.shape

@@ -12,12 +12,12 @@
 Log-mels are those of :func:`resgen_jax.audio.frontend.log_mel`: natural logs of mel
 *magnitudes*, one utterance ``[F, n_mels]`` at a time.
 
-MCD scale: the mel cepstrum here is the orthonormal DCT-II of the log-mel frame, so by
-Parseval ``sum_k c_k^2`` is the frame's squared norm over its ``n_mels`` bins; the cepstrum
-of SPTK-style MCD (``log|X(w)| = c_0 + 2 sum_k c_k cos(k w)``) is about ``sqrt(2 n_mels)``
-times smaller. Values are therefore only comparable between runs with the same front end,
-``n_mels`` and ``num_coeffs``, not with MCDs published from SPTK mel-cepstra. Every frame
-counts, silences included.
+MCD scale: the mel cepstrum is that of SPTK-style MCD, ``log|X(w)| = c_0 + 2 sum_k c_k
+cos(k w)`` over the mel-warped frequency axis (the log-mel bins sampled at ``w_n = pi (n +
+1/2) / n_mels``), so values are on the customary scale (a few dB between versions of the
+same speech). They still differ from SPTK's own numbers (its mel-cepstra come from an
+all-pass-warped spectral envelope, not a mel filterbank), so compare runs with the same
+front end, ``n_mels`` and ``num_coeffs``. Every frame counts, silences included.
 
 Classifier file format (:func:`save`): one msgpack file (flax serialization, no pickle) of
 a map with ``meta``, a JSON string (format name and version, ``kind``, ``num_classes``,
@@ -74,9 +74,10 @@ def _check_log_mels(log_mels, name: str) -> np.ndarray:
 def mel_cepstrum(log_mels, num_coeffs: int = NUM_CEPSTRAL_COEFFS) -> np.ndarray:
   """Mel cepstra of log-mel frames: float ``[F, n_mels]`` -> float64 ``[F, num_coeffs]``.
 
-  The orthonormal DCT-II along the mel axis, ``c_k = s_k sum_n x_n cos(pi k (2n + 1) /
-  (2 n_mels))`` with ``s_0 = sqrt(1 / n_mels)``, ``s_k = sqrt(2 / n_mels)``, keeping
-  ``c_1 .. c_num_coeffs``: ``c_0``, the frame's mean log level (energy), is dropped.
+  The cepstrum of each frame along the mel axis, ``c_k = (1 / n_mels) sum_n x_n cos(pi k
+  (2n + 1) / (2 n_mels))`` (a DCT-II scaled so that ``x = c_0 + 2 sum_k c_k cos``: see the
+  module docstring), keeping ``c_1 .. c_num_coeffs``: ``c_0``, the frame's mean log level
+  (energy), is dropped.
 
   Raises a ValueError unless ``1 <= num_coeffs < n_mels``.
   """
@@ -86,7 +87,8 @@ def mel_cepstrum(log_mels, num_coeffs: int = NUM_CEPSTRAL_COEFFS) -> np.ndarray:
       or not 1 <= num_coeffs < n_mels):
     raise ValueError(f"num_coeffs must be an integer in [1, n_mels = {n_mels}), got "
                      f"{num_coeffs!r}")
-  return scipy.fft.dct(log_mels, type=2, norm="ortho", axis=-1)[:, 1:num_coeffs + 1]
+  # scipy's unnormalised DCT-II is 2 sum_n x_n cos(...).
+  return scipy.fft.dct(log_mels, type=2, axis=-1)[:, 1:num_coeffs + 1] / (2.0 * n_mels)
 
 
 def accumulated_cost(cost) -> np.ndarray:

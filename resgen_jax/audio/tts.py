@@ -429,12 +429,14 @@ def make_request(name: str, prompt_codes: np.ndarray, prompt_text: str, text: st
 def prompt_codes_from_wave(wave: np.ndarray, sample_rate: int, codec, codec_state,
                            audio_cfg) -> np.ndarray:
   """A prompt clip -> its token frames ``[L_p, D]``: resampled, loudness-normalised (a
-  silent clip raises), log-mels, codec."""
+  silent clip raises), log-mels, codec; only whole token frames are kept (a last frame
+  that is partly past the clip's end would put silence between prompt and speech)."""
   wave = frontend.resample(wave, sample_rate, audio_cfg.sample_rate)
   wave = frontend.normalize_loudness(wave, audio_cfg.target_loudness_db)
   mels = codec_lib.utterance_mels([wave], audio_cfg)
-  return codec_lib.encode_utterances(codec, codec_state.params["autoencoder"],
-                                     codec_state.model_state["codebook"].codebooks, mels, 1)[0]
+  codes = codec_lib.encode_utterances(codec, codec_state.params["autoencoder"],
+                                      codec_state.model_state["codebook"].codebooks, mels, 1)[0]
+  return codes[:max(1, mels[0].shape[0] // codec.downsample)]
 
 
 def read_prompt(path: str, codec, codec_state, audio_cfg) -> np.ndarray:
