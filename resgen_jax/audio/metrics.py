@@ -44,6 +44,7 @@ import scipy.spatial.distance
 from flax import serialization
 from flax import traverse_util
 
+from resgen_jax.evaluation import classifier as classifier_lib
 from resgen_jax.utils import files
 
 # --------------------------------------------------------------------------------------
@@ -403,17 +404,6 @@ def pad_clips(clips: Sequence[np.ndarray], frames: int) -> Tuple[np.ndarray, np.
   return batch, valid
 
 
-def _batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
-                   num_steps: int):
-  """Yields ``num_steps`` index arrays ``[batch_size]``: consecutive slices of shuffled epochs."""
-  order = np.zeros(0, np.int64)
-  for _ in range(num_steps):
-    while order.size < batch_size:
-      order = np.concatenate([order, rng.permutation(num_examples)])
-    yield order[:batch_size]
-    order = order[batch_size:]
-
-
 def _crop(rng: np.random.Generator, clip: np.ndarray, frames: int) -> np.ndarray:
   """A random window of ``frames`` frames of a longer clip; shorter clips are returned whole."""
   extra = clip.shape[0] - frames
@@ -500,7 +490,7 @@ def train_speech_classifier(log_mels: Sequence[np.ndarray], targets, kind: str,
   opt_state = optimizer.init(params)
   step = _make_train_step(kind, num_classes, optimizer)
   rng = np.random.default_rng(seed)
-  for indices in _batch_indices(rng, len(clips), batch_size, num_steps):
+  for indices in classifier_lib.batch_indices(rng, len(clips), batch_size, num_steps):
     batch, valid = pad_clips([_crop(rng, clips[n], frames) for n in indices], frames)
     params, opt_state = step(params, opt_state, mean, std, batch, valid, targets[indices])
   return SpeechClassifierParams(kind, int(num_classes), mean, std, jax.device_get(params),

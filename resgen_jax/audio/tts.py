@@ -41,7 +41,7 @@ import numpy as np
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import corpus, frontend
 from resgen_jax.audio import text as text_lib
-from resgen_jax.codec import rvq
+from resgen_jax.codec import rvq, token_cache
 from resgen_jax.data import pipeline as data_pipeline
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -165,7 +165,9 @@ def run_encode(config, workdir: str, mesh) -> None:
                      f"{config.tokenizer.train.num_steps} steps; finish its training first")
   meta = dict(SPEECH_META, depth=task.tok.depth, codebook_size=task.tok.codebook_size,
               downsample=task.tok.downsample, tokenizer_step=int(state.step),
-              audio=config.audio.to_dict(), data=config.data.to_dict())
+              audio=config.audio.to_dict(),
+              data={k: v for k, v in config.data.to_dict().items()
+                    if k not in ("data_dir", "download")})  # where, not what
   splits = (config.data.train_split, config.data.eval_split)
   if os.path.exists(meta_path(workdir)):
     with open(meta_path(workdir)) as f:
@@ -192,11 +194,12 @@ def run_encode(config, workdir: str, mesh) -> None:
 
 def write_speech_tokens(path: str, utterances: Sequence[corpus.Utterance],
                         codes: Sequence[np.ndarray]) -> None:
-  """``codes`` int16 ``[N, L_max, D]`` (zero past each ``lengths[i]``), ``lengths``,
+  """``codes`` int16 (int32 for codebooks above 2**15) ``[N, L_max, D]`` (zero past each ``lengths[i]``), ``lengths``,
   ``texts``, ``speakers``, ``uids`` (unicode arrays: no pickle)."""
   length = max(c.shape[0] for c in codes)
   padded = np.stack([np.pad(c, ((0, length - c.shape[0]), (0, 0))) for c in codes])
-  files.save_npz(path, codes=padded.astype(np.int16), lengths=np.asarray(
+  small = int(padded.max(initial=0)) < token_cache.INT16_MAX_CODES  # half the disk
+  files.save_npz(path, codes=padded.astype(np.int16 if small else np.int32), lengths=np.asarray(
       [c.shape[0] for c in codes], np.int32), texts=np.asarray([u.text for u in utterances]),
                  speakers=np.asarray([u.speaker for u in utterances]),
                  uids=np.asarray([u.uid for u in utterances]))

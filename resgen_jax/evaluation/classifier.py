@@ -89,7 +89,7 @@ def _check_labels(labels, num_classes: int, count: int, name: str) -> np.ndarray
   return labels.astype(np.int32)
 
 
-def _batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
+def batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
                    num_steps: int):
   """Yields ``num_steps`` index arrays ``[batch_size]``: consecutive slices of shuffled epochs."""
   order = np.zeros(0, np.int64)
@@ -142,7 +142,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
                           weight_decay=weight_decay)
   opt_state = optimizer.init(params)
   step = _make_train_step(model, optimizer)
-  batches = _batch_indices(np.random.default_rng(seed), images.shape[0], batch_size, num_steps)
+  batches = batch_indices(np.random.default_rng(seed), images.shape[0], batch_size, num_steps)
   for indices in batches:
     params, opt_state = step(params, opt_state, images[indices], labels[indices])
   return params
