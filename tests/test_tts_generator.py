@@ -109,7 +109,7 @@ def test_prompt_positions_and_training_masks():
   b = batch(np.random.default_rng(5), size=2, lengths=(12, 12))
   key = jax.random.key(6)
   m = task.masked_batch(task.constants(), b, key, train=True)
-  prompt = np.asarray(prompt_positions(jax.random.split(key, 4)[3], jnp.asarray(
+  prompt = np.asarray(prompt_positions(jax.random.fold_in(key, 3), jnp.asarray(
       b["valid_positions"]), 1.0, task.cfg.loss.prompt_max_fraction))
   assert prompt.any()
   assert np.all(np.asarray(m["hidden"])[prompt] == 0)  # prompt frames are never hidden

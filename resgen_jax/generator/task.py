@@ -168,14 +168,16 @@ class GeneratorTask(TokenTask):
 
   def masked_batch(self, constants, batch, rng, train: bool) -> dict:
     """The training view of a batch: a mask drawn from ``rng`` (split in three: mask, class
-    dropout, network dropout) -> ``codes [B,L,D]``, ``labels [B]`` (the null class with
-    probability ``loss.cond_dropout`` when ``train``), ``valid [B,L]``, ``hidden [B,L]``,
+    dropout, network dropout; training prompts from ``fold_in(rng, 3)``) -> ``codes
+    [B,L,D]``, ``labels [B]`` (the null class with probability ``loss.cond_dropout`` when
+    ``train``; for text models the text goes with it), ``valid [B,L]``, ``hidden [B,L]``,
     the network input ``visible [B,L,d]``, the hidden sums ``target [B,L,d]`` and the
     network's ``dropout_key``. Shared by every family on the masked backbone."""
     loss_cfg = self.cfg.loss
     codes, labels, valid = self.flatten(batch)
     text = self.text(batch)
-    mask_key, drop_key, dropout_key, prompt_key = jax.random.split(rng, 4)
+    mask_key, drop_key, dropout_key = jax.random.split(rng, 3)
+    prompt_key = jax.random.fold_in(rng, 3)  # apart, so runs without prompts keep their masks
     maskable = valid
     if loss_cfg.prompt_prob > 0:
       maskable = valid & ~prompt_positions(prompt_key, valid, loss_cfg.prompt_prob,
