@@ -3,15 +3,20 @@
     python -m resgen_jax.main --config=configs/tts_tiny.py --workdir=/tmp/tts
 
 No download: the eSpeak NG speech engine (its library ships in the ``espeakng-loader``
-package) speaks sentences of a 40-word vocabulary in six voices (the training speakers);
-two more voices are the unseen speakers of the eval split. The run trains the speech codec
+package) speaks sentences of a 40-word vocabulary in sixteen voices (the training
+speakers); two more voices are the unseen speakers of the eval split. The run trains the speech codec
 (80 log-mels at 62.5 frames/s, downsampled 4x to 15.6 token frames/s, depth 8), encodes
 the corpus, trains the text-conditioned ResGen generator, and runs the zero-shot
 evaluation (continuation and cross-sentence) with Griffin-Lim as the vocoder.
 
-Hardware: 2 CPU cores. Expected: the codec's log-mel error falls with depth
-(``DIR/tokenizer/results.json``); ``DIR/tts_eval/`` holds the generated WAVs, the
-file lists the common evaluation scripts read, and the offline proxies.
+Hardware: 2 CPU cores, about 12 minutes for every stage. Measured: log-mel L1 of the
+codec by depth prefix 0.68 -> 0.49 nats (``DIR/tokenizer/results.json``); on the unseen
+voices (``DIR/tts_eval/<tag>/results.json``) continuation MCD 6.6 dB, cross-sentence
+duration ratio 1.05, word-classifier F1 0.19 (0.81 on the real speech), speaker accuracy
+0.63 (two speakers; 1.0 on the real speech): a model this small and briefly trained gets
+the rhythm and timbre of speech, not yet its words or the prompt's voice.
+``DIR/tts_eval/`` also holds the generated WAVs and the file lists the common evaluation
+scripts read.
 """
 
 from resgen_jax import config_base
@@ -24,7 +29,12 @@ def get_config():
   data.name = "espeak"
   data.train_split, data.eval_split = "train", "test"
   data.min_seconds, data.max_seconds = 0.5, 4.0
-  data.espeak.train_utterances = 1200
+  # 16 training speakers: with the corpus default of 6, the held-out loss on the unseen
+  # voices was 23.7 after 2000 steps; with these 16 it is 21.7.
+  data.espeak.train_voices = ("en+m1", "en+m2", "en+m3", "en+m4", "en+m6", "en+m7", "en+f1",
+                              "en+f2", "en+f3", "en+f4", "en-us+m2", "en-us+m3", "en-us+f1",
+                              "en-us+f2", "en+klatt", "en+klatt2")
+  data.espeak.train_utterances = 1600
   data.espeak.eval_utterances = 64
   data.espeak.min_words, data.espeak.max_words = 2, 6
 
