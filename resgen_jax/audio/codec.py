@@ -18,6 +18,7 @@ encoding and decoding take whole utterances of any length (padded to a multiple 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Iterator, List, Optional, Sequence
 
@@ -48,6 +49,14 @@ def silence(cfg: ml_collections.ConfigDict) -> float:
   return math.log(cfg.log_floor)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_mel_program(cfg_json: str):
+  """The jitted log-mel of an audio config (one per config, so its compilations are kept
+  from call to call: prompts, evaluation batches)."""
+  return jax.jit(functools.partial(frontend.log_mel,
+                                   cfg=ml_collections.ConfigDict(json.loads(cfg_json))))
+
+
 def utterance_mels(waves: Sequence[np.ndarray], cfg: ml_collections.ConfigDict
                    ) -> List[np.ndarray]:
   """Log-mels of clips of any length: ``[T_i]`` -> float32 ``[1 + T_i // hop, n_mels]``.
@@ -58,7 +67,7 @@ def utterance_mels(waves: Sequence[np.ndarray], cfg: ml_collections.ConfigDict
   prompts, evaluation) computes log-mels here, so they agree.
   """
   frontend.check_audio_config(cfg)
-  compute = jax.jit(functools.partial(frontend.log_mel, cfg=cfg))
+  compute = _log_mel_program(cfg.to_json())
   bucket = BUCKET_FRAMES * cfg.hop_length
   out: List[Optional[np.ndarray]] = [None] * len(waves)
   lengths = [int(np.asarray(w).shape[0]) for w in waves]

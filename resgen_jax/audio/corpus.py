@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 import zlib
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -269,6 +269,23 @@ class ManifestEntry:
   line: int
 
 
+def tsv_lines(path: str, kind: str) -> Iterator[Tuple[int, str]]:
+  """``(line number, line)`` of a UTF-8 text file's lines (1-based), without blank lines
+  and ``#`` comments. FileNotFoundError naming the ``kind`` of file when it is missing; a
+  ValueError naming ``path:line`` for a line that is not UTF-8."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the {kind} {path} does not exist")
+  with open(path, "rb") as f:
+    raw_lines = f.read().split(b"\n")
+  for number, raw in enumerate(raw_lines, start=1):
+    try:
+      line = raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}:{number}: not valid UTF-8 ({e})") from e
+    if line.strip() and not line.startswith(MANIFEST_COMMENT):
+      yield number, line
+
+
 def read_manifest(path: str) -> List[ManifestEntry]:
   """Parses a manifest: UTF-8 lines ``audio_path<TAB>speaker<TAB>text``.
 
@@ -282,21 +299,11 @@ def read_manifest(path: str) -> List[ManifestEntry]:
       columns, or an empty path, speaker or (normalised) text; for a repeated utterance id,
       and for a manifest without entries.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"the manifest {path} does not exist")
   root = os.path.dirname(path)
   entries, first_uid_line = [], {}
-  with open(path, "rb") as f:
-    raw_lines = f.read().split(b"\n")
   header_allowed = True
-  for number, raw in enumerate(raw_lines, start=1):
+  for number, line in tsv_lines(path, "manifest"):
     where = f"{path}:{number}"
-    try:
-      line = raw.decode("utf-8").rstrip("\r")
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{where}: not valid UTF-8 ({e})") from e
-    if not line.strip() or line.startswith(MANIFEST_COMMENT):
-      continue
     columns = line.split("\t")
     if header_allowed and tuple(c.strip() for c in columns) == MANIFEST_COLUMNS:
       header_allowed = False

@@ -214,25 +214,25 @@ def run_evaluate(config, workdir: str, mesh) -> Dict:
     start = time.time()
     outputs = synthesizer([r for _, r in pairs])
     seconds = time.time() - start
-    rows, generated_mels, real_mels = [], [], []
-    mcd, ratios = [], []
+    rows, real_rests, ratios = [], [], []
     for (i, request), out in zip(pairs, outputs):
       u = utterances[i]
       if name == "continuation":
         split_at = request.prompt_codes.shape[0] * samples_per_frame
-        prompt_wave, gt, exported = u.wave[:split_at], u.wave, out.wave
+        prompt_wave, exported = u.wave[:split_at], out.wave
         prompt_text = ""  # the words of the first seconds are not known apart
-        gen_rest, real_rest = codec_lib.utterance_mels([out.generated, u.wave[split_at:]],
-                                                       config.audio)
-        mcd.append(metrics.mel_cepstral_distortion(real_rest, gen_rest))
+        real_rests.append(u.wave[split_at:])
       else:
         ref = utterances[prompt_of[i]]
-        prompt_wave, gt, exported, prompt_text = ref.wave, u.wave, out.generated, ref.text
+        prompt_wave, exported, prompt_text = ref.wave, out.generated, ref.text
         ratios.append(metrics.duration_ratio(len(out.generated), len(u.wave)))
-      rows.append(dict(uid=u.uid, generated=exported, prompt=prompt_wave, gt=gt,
+      rows.append(dict(uid=u.uid, generated=exported, prompt=prompt_wave, gt=u.wave,
                        prompt_text=prompt_text, target_text=u.text))
-      generated_mels.append(codec_lib.utterance_mels([out.generated], config.audio)[0])
-      real_mels.append(mels[i])
+    # One log-mel pass over all generated (and real continuation) speech of the task.
+    generated_mels = codec_lib.utterance_mels([o.generated for o in outputs], config.audio)
+    real_mels = [mels[i] for i, _ in pairs]
+    mcd = [metrics.mel_cepstral_distortion(real, gen) for real, gen in zip(
+        codec_lib.utterance_mels(real_rests, config.audio), generated_mels)]
     result = {"num_utterances": len(pairs),
               "real_time_factor": seconds / (sum(len(o.generated) for o in outputs) / sr)}
     if mcd:

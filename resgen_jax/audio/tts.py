@@ -540,24 +540,18 @@ class Synthesizer:
 
 
 def read_synth_manifest(path: str) -> List[tuple]:
-  """Rows ``(prompt_wav, prompt_text, text, name)`` of a batch-synthesis TSV: columns
-  ``prompt_wav<TAB>prompt_text<TAB>text[<TAB>name]`` (name: default ``line<k>``); blank
-  and ``#`` lines are skipped, relative WAV paths are relative to the manifest."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no synthesis manifest at {path!r}")
+  """Rows ``(prompt_wav, prompt_text, text, name, line number)`` of a batch-synthesis TSV:
+  columns ``prompt_wav<TAB>prompt_text<TAB>text[<TAB>name]`` (name: default ``line<k>``);
+  blank and ``#`` lines are skipped, relative WAV paths are relative to the manifest."""
   rows, root = [], os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip() or line.startswith("#"):
-        continue
-      fields = line.split("\t")
-      if len(fields) not in (3, 4):
-        raise ValueError(f"{path}:{number}: expected {len(MANIFEST_COLUMNS)} or "
-                         f"{len(MANIFEST_COLUMNS) + 1} tab-separated columns "
-                         f"({', '.join(MANIFEST_COLUMNS)}[, name]), got {len(fields)}")
-      name = fields[3] if len(fields) == 4 else f"line{number}"
-      rows.append((os.path.join(root, fields[0]), fields[1], fields[2], name, number))
+  for number, line in corpus.tsv_lines(path, "synthesis manifest"):
+    fields = line.split("\t")
+    if len(fields) not in (3, 4):
+      raise ValueError(f"{path}:{number}: expected {len(MANIFEST_COLUMNS)} or "
+                       f"{len(MANIFEST_COLUMNS) + 1} tab-separated columns "
+                       f"({', '.join(MANIFEST_COLUMNS)}[, name]), got {len(fields)}")
+    name = fields[3] if len(fields) == 4 else f"line{number}"
+    rows.append((os.path.join(root, fields[0]), fields[1], fields[2], name, number))
   if not rows:
     raise ValueError(f"the synthesis manifest {path!r} lists no utterances")
   return rows
