@@ -9,7 +9,7 @@ speakers); two more voices are the unseen speakers of the eval split. The run tr
 the corpus, trains the text-conditioned ResGen generator, and runs the zero-shot
 evaluation (continuation and cross-sentence) with Griffin-Lim as the vocoder.
 
-Hardware: 2 CPU cores, about 12 minutes for every stage. Measured: log-mel L1 of the
+Hardware: 2 CPU cores, 12-13 minutes for every stage. Measured: log-mel L1 of the
 codec by depth prefix 0.68 -> 0.49 nats (``DIR/tokenizer/results.json``); on the unseen
 voices (``DIR/tts_eval/<tag>/results.json``) continuation MCD 6.6 dB, cross-sentence
 duration ratio 1.05, word-classifier F1 0.19 (0.81 on the real speech), speaker accuracy
