@@ -2,7 +2,6 @@
 on tone sequences whose reconstruction error must fall with depth."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

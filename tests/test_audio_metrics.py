@@ -2,7 +2,6 @@
 speech classifier on synthetic tones made with the audio front end."""
 
 import functools
-import itertools
 import math
 import time
 

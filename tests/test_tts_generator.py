@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from resgen_jax import config_base
-from resgen_jax.generator import masking
 from resgen_jax.generator.model import TEXT_PAD
 from resgen_jax.generator.task import NULL_TEXT, GeneratorTask, null_text, prompt_positions
 from resgen_jax.audio import text as text_lib

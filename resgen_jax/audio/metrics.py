@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,6 @@ import optax
 import scipy.fft
 import scipy.spatial.distance
 from flax import serialization
-from flax import traverse_util
 
 from resgen_jax.evaluation import classifier as classifier_lib
 from resgen_jax.utils import files
@@ -572,19 +571,11 @@ def save(path: str, classifier: SpeechClassifierParams) -> None:
               conv_widths=list(CONV_WIDTHS),
               class_names=None if classifier.class_names is None
               else list(classifier.class_names))
-  blob = serialization.to_bytes({
+  files.save_bytes(path, serialization.to_bytes({
       "meta": json.dumps(meta, sort_keys=True),
       "mean": np.asarray(classifier.mean, np.float32),
       "std": np.asarray(classifier.std, np.float32),
-      "params": jax.device_get(classifier.params)})
-  with files.atomic_write(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(blob)
-
-
-def _param_shapes(params) -> Dict[str, Tuple[int, ...]]:
-  return {"/".join(k): tuple(np.shape(v))
-          for k, v in traverse_util.flatten_dict(params).items()}
+      "params": jax.device_get(classifier.params)}))
 
 
 def _check_contents(meta: dict, mean, std, params) -> None:
@@ -606,9 +597,9 @@ def _check_contents(meta: dict, mean, std, params) -> None:
     raise ValueError(f"parameters are a {type(params).__name__}, not a tree of arrays")
   model = SpeechClassifier(meta["num_classes"], jnp.zeros(n_mels), jnp.ones(n_mels))
   dummy = jnp.zeros((1, 8, n_mels), jnp.float32)
-  expected = _param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy,
+  expected = classifier_lib.param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy,
                                           jnp.ones((1, 8), bool))["params"])
-  found = _param_shapes(params)
+  found = classifier_lib.param_shapes(params)
   if found != expected:
     raise ValueError(f"parameter shapes {found} do not fit a SpeechClassifier with "
                      f"num_classes={meta['num_classes']} on {n_mels} mel bins, which has "

@@ -178,14 +178,12 @@ def save_classifier(path: str, params, num_classes: int, image_shape: Sequence[i
   """Writes the parameters and their metadata atomically to ``path`` (msgpack, no pickle)."""
   meta = dict(format=FILE_FORMAT, version=FILE_VERSION, num_classes=int(num_classes),
               image_shape=[int(d) for d in image_shape], feature_dim=FEATURE_DIM)
-  blob = serialization.to_bytes(
-      {"meta": json.dumps(meta, sort_keys=True), "params": jax.device_get(params)})
-  with files.atomic_write(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(blob)
+  files.save_bytes(path, serialization.to_bytes(
+      {"meta": json.dumps(meta, sort_keys=True), "params": jax.device_get(params)}))
 
 
-def _param_shapes(params) -> Dict[str, Tuple[int, ...]]:
+def param_shapes(params) -> Dict[str, Tuple[int, ...]]:
+  """``{"conv_0/kernel": shape}`` of every leaf of a parameter tree."""
   return {"/".join(k): tuple(np.shape(v))
           for k, v in traverse_util.flatten_dict(params).items()}
 
@@ -196,8 +194,8 @@ def _check_params(path: str, params, meta: dict) -> None:
     raise ValueError(f"{path}: parameters are a {type(params).__name__}, not a tree of arrays")
   model = Classifier(meta["num_classes"])
   dummy = jnp.zeros((1,) + tuple(meta["image_shape"]), jnp.uint8)
-  expected = _param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"])
-  found = _param_shapes(params)
+  expected = param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"])
+  found = param_shapes(params)
   if found != expected:
     raise ValueError(f"{path}: parameter shapes {found} do not fit a Classifier with "
                      f"num_classes={meta['num_classes']} on {meta['image_shape']} images, "

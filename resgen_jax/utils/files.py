@@ -33,6 +33,12 @@ def save_npz(path: str, **arrays) -> None:
       np.savez(f, **arrays)
 
 
+def save_bytes(path: str, blob: bytes) -> None:
+  with atomic_write(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(blob)
+
+
 def save_json(path: str, obj) -> None:
   with atomic_write(path) as tmp:
     with open(tmp, "w") as f:
