@@ -612,16 +612,9 @@ def load(path: str) -> SpeechClassifierParams:
   Raises FileNotFoundError for a missing file and ValueError for one that is not a speech
   classifier file or whose arrays do not fit its metadata; both name ``path``.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no speech classifier file at {path}")
-  with open(path, "rb") as f:
-    blob = f.read()
   try:
-    contents = serialization.msgpack_restore(blob)
-    meta = json.loads(contents["meta"])
-    if meta["format"] != FILE_FORMAT or meta["version"] != FILE_VERSION:
-      raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
-                       f"{FILE_FORMAT!r} version {FILE_VERSION}")
+    contents, meta = classifier_lib.read_versioned(path, FILE_FORMAT, FILE_VERSION,
+                                                   "speech classifier")
     mean, std, params = contents["mean"], contents["std"], contents["params"]
     _check_contents(meta, mean, std, params)
   except (ValueError, TypeError, KeyError, AttributeError) as e:

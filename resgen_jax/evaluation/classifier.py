@@ -202,6 +202,22 @@ def _check_params(path: str, params, meta: dict) -> None:
                      f"which has {expected}")
 
 
+def read_versioned(path: str, file_format: str, version: int, what: str) -> Tuple[dict, dict]:
+  """``(contents, meta)`` of a msgpack file whose ``meta`` JSON names ``file_format`` and
+  ``version``. FileNotFoundError naming the ``what`` for a missing file; other failures
+  (undecodable, missing keys, another format) raise ValueError, TypeError or KeyError for
+  the caller to name the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {what} file at {path}")
+  with open(path, "rb") as f:
+    contents = serialization.msgpack_restore(f.read())
+  meta = json.loads(contents["meta"])
+  if meta["format"] != file_format or meta["version"] != version:
+    raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
+                     f"{file_format!r} version {version}")
+  return contents, meta
+
+
 def load_classifier(path: str) -> Tuple[dict, dict]:
   """Reads a file of :func:`save_classifier` -> (params, meta).
 
@@ -209,16 +225,9 @@ def load_classifier(path: str) -> Tuple[dict, dict]:
   Raises FileNotFoundError for a missing file and ValueError for one that is not a
   classifier file; both name ``path``.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no classifier file at {path}")
-  with open(path, "rb") as f:
-    blob = f.read()
   try:
-    contents = serialization.msgpack_restore(blob)
-    meta, params = json.loads(contents["meta"]), contents["params"]
-    if meta["format"] != FILE_FORMAT or meta["version"] != FILE_VERSION:
-      raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
-                       f"{FILE_FORMAT!r} version {FILE_VERSION}")
+    contents, meta = read_versioned(path, FILE_FORMAT, FILE_VERSION, "classifier")
+    params = contents["params"]
     meta["image_shape"] = tuple(meta["image_shape"])
     _check_params(path, params, meta)
   except (ValueError, TypeError, KeyError) as e:
