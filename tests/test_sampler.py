@@ -236,3 +236,21 @@ def test_non_prefix_known_mask_under_jit_is_cut_to_its_prefix():
   assert got[0, 0, 0] == 5 and (got >= 0).all()  # the prefix kept, the rest generated
   assert np.asarray(out.reveal_step)[0, 0, 0] == sampler.KNOWN_STEP
   assert (np.asarray(out.reveal_step)[0, 0, 1:] >= 1).all()
+
+
+def test_reveal_keeps_the_best_slots_as_a_stable_sort_would():
+  rng = np.random.default_rng(3)
+  b, length, depth = 6, 7, 4
+  # Few distinct values (many ties), both zeros, infinities and negatives.
+  values = np.array([-np.inf, -3.5, -1.0, -0.0, 0.0, 0.25, 2.0, np.inf], np.float32)
+  scores = values[rng.integers(0, len(values), (b, length, depth))]
+  scores[:2] = rng.normal(size=(2, length, depth)) * 1e-30  # tiny values of both signs
+  keep = rng.integers(0, length * depth + 1, b)
+  keep[:2] = (0, length * depth)
+  got = np.asarray(sampler.reveal(jnp.asarray(scores), jnp.asarray(keep, jnp.int32)))
+  for i in range(b):
+    flat = scores[i].reshape(-1) + 0.0  # -0.0 and 0.0 are equal scores
+    order = np.argsort(-flat, kind="stable")
+    expected = np.zeros(flat.shape, bool)
+    expected[order[:length * depth - keep[i]]] = True
+    np.testing.assert_array_equal(got[i].reshape(-1), expected, err_msg=f"row {i}")

@@ -12,8 +12,9 @@ call (two with classifier-free guidance) plus cheap quantization, whatever the d
      at least one is revealed per step and none stays hidden after step T;
   4. scores = log-prob + Gumbel noise * ``tau (1 - t/T)``, made non-increasing along depth
      by a cumulative minimum, so the best-scoring set always extends each position's
-     visible depth prefix; exactly the best ones are revealed (stable argsort: ties go to
-     the lower position, then the coarser depth). Revealed tokens never change again.
+     visible depth prefix; exactly the best ones are revealed (ties go to the lower
+     position, then the coarser depth; a radix select, no sort). Revealed tokens never
+     change again.
 
 The network is a closure ``network_fn(codes [B,L,D], hidden [B,L], conditional: bool) ->
 (logits [B,L,K], means [B,L,K,d])``, so the loop can be tested with a fake model.
@@ -168,6 +169,28 @@ def schedule_table(gamma: Callable, steps: int, max_total: int) -> np.ndarray:
   return table
 
 
+def sortable_keys(x: Array) -> Array:
+  """float32 -> uint32 keys in the same order (``-inf < .. < -0.0 == 0.0 < .. < +inf``):
+  negative floats have every bit flipped, the others only the sign bit."""
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def nth_largest(keys: Array, n: Array) -> Array:
+  """The ``n``-th largest key of each row, bit by bit from the top (a radix select: 32
+  counting passes over the row, no sort). keys uint32 ``[B, N]``, n int ``[B]`` in 1..N
+  -> uint32 ``[B]`` (all bits set when ``n == 0``)."""
+  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(31, -1, -1, dtype=jnp.uint32))
+
+  def add_bit(value, bit):
+    candidate = value | bit
+    enough = jnp.sum(keys >= candidate[:, None], axis=-1) >= n
+    return jnp.where(enough, candidate, value), None
+
+  value, _ = jax.lax.scan(add_bit, jnp.zeros(keys.shape[:1], jnp.uint32), bits)
+  return value
+
+
 def reveal(scores: Array, keep_hidden: Array) -> Array:
   """Exactly which slots are visible after the step.
 
@@ -175,15 +198,18 @@ def reveal(scores: Array, keep_hidden: Array) -> Array:
     scores: ``[B, L, D]``, +inf at already visible slots, non-increasing along depth.
     keep_hidden: ``[B]`` how many slots stay hidden.
   Returns:
-    bool ``[B, L, D]``: the ``L*D - keep_hidden`` best slots (stable order on ties).
+    bool ``[B, L, D]``: the ``L*D - keep_hidden`` best slots; among equal scores the lower
+    flat index (position, then depth) first, as a stable sort would order them. Found by
+    :func:`nth_largest`, which costs O(L*D) per row where a sort costs O(L*D log(L*D)).
   """
   b, length, depth = scores.shape
-  flat = scores.reshape(b, -1)
-  order = jnp.argsort(-flat, axis=-1, stable=True)
-  # The inverse permutation by a scatter (a second argsort costs as much as the first).
-  rank = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(
-      jnp.arange(length * depth, dtype=order.dtype))
-  return (rank < (length * depth - keep_hidden)[:, None]).reshape(b, length, depth)
+  keys = sortable_keys(scores.reshape(b, -1))
+  count = length * depth - keep_hidden  # [B] slots visible after the step
+  threshold = nth_largest(keys, count)[:, None]
+  above, tied = keys > threshold, keys == threshold
+  room = count - jnp.sum(above, axis=-1)  # tied slots still to reveal, in index order
+  visible = above | (tied & (jnp.cumsum(tied, axis=-1) <= room[:, None]))
+  return visible.reshape(b, length, depth)
 
 
 def known_prefix(known: Array) -> Array:
