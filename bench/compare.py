@@ -2,6 +2,7 @@
 paper's comparison at small scale).
 
     python -m bench.compare [--batch 64] [--repeats 5] [--memory_budget_gb 1]
+                            [--grid_side 4] [--num_layers 4] [--width 128]
                             [--workdir DIR --train_steps 1500] [--out bench/results]
 
 Speed and memory (random weights; the digits token grid, 4x4, codebooks of 64 codes, at
@@ -10,6 +11,10 @@ parameter count matched to ResGen's (the number of layers closest to it), the wa
 the jitted sampler per image (median, compile excluded), XLA's peak memory of that
 computation per image (the parameters excluded), and the largest batch whose peak fits in
 ``--memory_budget_gb`` (the paper's "max batch"; XLA's estimate, found by compiling).
+``--num_layers`` and ``--width`` size ResGen (default: the digits generator, 4 x 128); the
+baselines are matched to it. The memory comparison depends on the depth of the networks:
+ResGen's peak is one block's activations over all L positions, the RQ-Transformer's is a
+key/value cache that grows with its number of spatial layers.
 
 Quality (with ``--workdir``): the digits pipeline with a tokenizer of each depth, then each
 family trained for ``--train_steps`` generator steps on those tokens (same batch, schedule
@@ -42,12 +47,18 @@ DEPTHS = (4, 8, 16)
 FAMILIES = ("resgen", "direct", "rq_transformer")
 GRID_SIDE = 4  # the digits token grid (16x16 images, 4x downsampling)
 CODEBOOK_SIZE, LATENT_DIM = 64, 16  # configs/digits.py
-MAX_LAYERS = 12  # layer counts tried when matching parameter counts
+MAX_LAYERS = 48  # layer counts tried when matching parameter counts
 SHARED_STAGES_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
 
 
-def digits_config():
-  return config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
+def digits_config(num_layers: int = 0, width: int = 0):
+  """configs/digits.py, with ResGen's ``num_layers`` and ``width`` if given (> 0)."""
+  config = config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
+  if num_layers:
+    config.generator.model.num_layers = num_layers
+  if width:
+    config.generator.model.width = width
+  return config
 
 
 def family_config(config, family: str, num_layers: int):
@@ -79,11 +90,17 @@ def parameter_count(task) -> int:
 
 
 def matched_config(config, family: str, depth: int, target: int, side: int = GRID_SIDE):
-  """The family's config whose parameter count is closest to ``target`` (by layers)."""
-  candidates = [family_config(config, family, n) for n in range(1, MAX_LAYERS + 1)]
-  counts = [parameter_count(make_task(c, depth, side)) for c in candidates]
-  best = int(np.argmin([abs(c - target) for c in counts]))
-  return candidates[best], counts[best]
+  """The family's config whose parameter count is closest to ``target`` (by layers; the
+  count grows with them, so the search stops at the first count past the target)."""
+  best = None
+  for num_layers in range(1, MAX_LAYERS + 1):
+    candidate = family_config(config, family, num_layers)
+    count = parameter_count(make_task(candidate, depth, side))
+    if best is None or abs(count - target) < abs(best[1] - target):
+      best = candidate, count
+    if count >= target:
+      break
+  return best
 
 
 def compiled_sampler(task, params, state, batch: int, scfg):
@@ -102,10 +119,15 @@ def peak_bytes(compiled) -> int:
 
 def max_batch(task, params, state, scfg, budget: int, fixed: int, per_image: float) -> int:
   """The largest batch whose compiled peak fits ``budget``: start from the linear estimate
-  ``fixed + per_image * B`` and step down (by 5%) until a compile confirms it."""
+  ``fixed + per_image * B`` and, while a compile says it does not fit, rescale the batch by
+  the per-image bytes that compile measured (backends may spend more per image at large
+  batches than at small ones)."""
   batch = max(1, int((budget - fixed) / max(per_image, 1.0)))
-  while batch > 1 and peak_bytes(compiled_sampler(task, params, state, batch, scfg)) > budget:
-    batch = int(batch * 0.95)
+  while batch > 1:
+    peak = peak_bytes(compiled_sampler(task, params, state, batch, scfg))
+    if peak <= budget:
+      break
+    batch = max(1, min(batch - 1, int(batch * (budget - fixed) / (peak - fixed))))
   return batch
 
 
@@ -189,16 +211,27 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--grid_side", type=int, default=GRID_SIDE,
                       help="token grid side of the speed and memory part")
+  parser.add_argument("--num_layers", type=int, default=0,
+                      help="ResGen's layers (0: the digits generator's)")
+  parser.add_argument("--width", type=int, default=0,
+                      help="the transformers' width (0: the digits generator's)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--memory_budget_gb", type=float, default=1.0)
   parser.add_argument("--workdir", default="", help="run the quality comparison here")
   parser.add_argument("--train_steps", type=int, default=1500)
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
   args = parser.parse_args()
+  if args.batch < 2:  # memory per image is the slope between batch // 2 and batch
+    parser.error("--batch must be at least 2")
+  if args.grid_side < 1 or args.repeats < 1:
+    parser.error("--grid_side and --repeats must be at least 1")
+  if args.num_layers < 0 or args.width < 0:
+    parser.error("--num_layers and --width must be positive (0: the digits generator's)")
   if args.workdir and args.grid_side != GRID_SIDE:
     raise ValueError(f"the quality part trains on the digits grid; use --grid_side "
                      f"{GRID_SIDE} with --workdir")
-  config = digits_config()
+  config = digits_config(args.num_layers, args.width)
+  shape = config.generator.model
   budget = int(args.memory_budget_gb * 2 ** 30)
   rows = []
   for depth in DEPTHS:
@@ -216,11 +249,13 @@ def main():
   table = markdown(rows)
   print(table)
   print(json.dumps(summary, indent=2))
-  path = os.path.join(args.out, f"compare_{platform}"
-                      + (f"_grid{args.grid_side}" if args.grid_side != GRID_SIDE else ""))
+  suffix = "".join(f"_{name}{value}" for name, value, default in (
+      ("grid", args.grid_side, GRID_SIDE), ("layers", args.num_layers, 0),
+      ("width", args.width, 0)) if value != default)
+  path = os.path.join(args.out, f"compare_{platform}{suffix}")
   files.save_json(path + ".json", {
       "platform": platform, "devices": jax.device_count(), "batch": args.batch,
-      "grid_side": args.grid_side,
+      "grid_side": args.grid_side, "num_layers": shape.num_layers, "width": shape.width,
       "repeats": args.repeats, "memory_budget_bytes": budget, "train_steps": args.train_steps,
       "rows": rows, "targets": summary})
   with files.atomic_write(path + ".md") as tmp, open(tmp, "w") as f:
