@@ -1,7 +1,7 @@
 """ResGen against the baselines on the same RVQ tokens, as the depth grows (issue: the
 paper's comparison at small scale).
 
-    python -m bench.compare [--batch 64] [--repeats 5] [--memory_budget_gb 1]
+    python -m bench.compare [--batch 64] [--repeats 9] [--memory_budget_gb 1]
                             [--grid_side 4] [--num_layers 4] [--width 128]
                             [--workdir DIR --train_steps 1500] [--out bench/results]
 
@@ -215,7 +215,7 @@ def main():
                       help="ResGen's layers (0: the digits generator's)")
   parser.add_argument("--width", type=int, default=0,
                       help="the transformers' width (0: the digits generator's)")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--memory_budget_gb", type=float, default=1.0)
   parser.add_argument("--workdir", default="", help="run the quality comparison here")
   parser.add_argument("--train_steps", type=int, default=1500)
@@ -234,15 +234,16 @@ def main():
   shape = config.generator.model
   budget = int(args.memory_budget_gb * 2 ** 30)
   rows = []
-  for depth in DEPTHS:
+  for depth in DEPTHS:  # every timing first, in a process that has not trained yet
     target = parameter_count(make_task(config, depth, args.grid_side))
     for family in FAMILIES:
-      row = speed_and_memory(config, family, depth, target, args.batch, args.repeats, budget,
-                             args.grid_side)
-      if args.workdir:
-        row.update(quality(config, family, depth, row["num_layers"], args.workdir,
-                           args.train_steps))
-      rows.append(row)
+      rows.append(speed_and_memory(config, family, depth, target, args.batch, args.repeats,
+                                   budget, args.grid_side))
+      print(json.dumps(rows[-1]), flush=True)
+  if args.workdir:
+    for row in rows:
+      row.update(quality(config, row["family"], row["depth"], row["num_layers"],
+                         args.workdir, args.train_steps))
       print(json.dumps(row), flush=True)
   platform = jax.devices()[0].platform
   summary = targets(rows)
