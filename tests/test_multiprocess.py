@@ -27,6 +27,8 @@ TINY = [
     "--config.tokenizer.train.warmup_steps=1", "--config.tokenizer.train.log_every=2",
     "--config.tokenizer.train.eval_every=0", "--config.tokenizer.train.batch_size=8",
     "--config.tokenizer.train.checkpoint_every=3", "--config.tokenizer.train.eval_examples=64",
+    # the reconstruction-FID classifier trains in every process; a few steps exercise it
+    "--config.evaluation.classifier_steps=20",
 ]
 FSDP = ["--config.mesh.axes=('data','fsdp')", "--config.mesh.shape=(2,2)",
         "--config.mesh.fsdp_min_size=64"]

@@ -269,6 +269,7 @@ def test_command_line_overrides_and_config_json(tmp_path):
       "tokenizer.quantizer.codebook_size": 8, "tokenizer.train.num_steps": 3,
       "tokenizer.train.warmup_steps": 1, "tokenizer.train.log_every": 1,
       "tokenizer.train.eval_every": 0, "tokenizer.train.batch_size": 8,
+      "evaluation.classifier_steps": 20,  # the reconstruction-FID classifier
   }
   cmd = [sys.executable, "-m", "resgen_jax.main", "--config=configs/digits.py",
          f"--workdir={workdir}", "--config.stages=('tokenizer',)"]
