@@ -25,8 +25,9 @@ def synthetic_batch(n=8, size=16, channels=1, seed=0):
 
 
 def fresh_state(task, batch, optimizer, rng=0):
-  params, model_state = task.init(jax.random.key(rng), batch)
-  model_state = task.data_init(params, model_state, batch, jax.random.key(rng + 1))
+  """Step-0 state, initialised under jit as the trainer does (eager init compiles every op)."""
+  params, model_state = jax.jit(task.init)(jax.random.key(rng), batch)
+  model_state = jax.jit(task.data_init)(params, model_state, batch, jax.random.key(rng + 1))
   return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optimizer.init(params), model_state=model_state,
                             ema_params={}, nonfinite_step=jnp.array(-1, jnp.int32))
@@ -42,8 +43,8 @@ def test_one_step_with_every_loss_and_trick(tmp_path):
   cfg.loss.disc_channels = 8
   cfg.loss.disc_layers = 2
   batch = synthetic_batch()
-  lpips_params = losses.LPIPS().init(jax.random.key(5), jnp.zeros((1, 16, 16, 1)),
-                                     jnp.zeros((1, 16, 16, 1)))["params"]
+  lpips_params = jax.jit(losses.LPIPS().init)(jax.random.key(5), jnp.zeros((1, 16, 16, 1)),
+                                              jnp.zeros((1, 16, 16, 1)))["params"]
   weights = str(tmp_path / "lpips.npz")
   losses.save_lpips_params(lpips_params, weights)
   cfg.loss.perceptual_weight = 0.1
@@ -102,24 +103,26 @@ def test_encode_decode_agree_with_the_quantizer_math():
   cfg = tiny_config().tokenizer
   tok = Tokenizer(cfg, 1)
   batch = synthetic_batch()
-  params = tok.autoencoder.init(jax.random.key(0), image_utils.to_float(batch["image"]))
-  params = params["params"]
+  x = image_utils.to_float(batch["image"])
+  params = jax.jit(tok.autoencoder.init)(jax.random.key(0), x)["params"]
   books = tok.init_codebooks(jax.random.key(1))
-  codes = tok.encode(params, books, batch["image"])
+  # Jitted as the pipeline runs them (op-by-op they compile every op).
+  decode = jax.jit(tok.decode, static_argnums=3)
+  decode_latents = jax.jit(tok.decode_latents)
+  codes = jax.jit(tok.encode)(params, books, batch["image"])
   assert codes.shape == (8, 4, 4, 3) and codes.dtype == jnp.int32
-  z = tok.encode_latents(params, image_utils.to_float(batch["image"]))
+  z = jax.jit(tok.encode_latents)(params, x)
   np.testing.assert_array_equal(codes, rvq.quantize(z, books).codes)
+  decoded = [decode(params, books, codes, prefix) for prefix in range(1, 4)]
   for prefix in range(1, 4):
     np.testing.assert_allclose(
-        tok.decode(params, books, codes, prefix),
-        tok.decode_latents(params, rvq.dequantize(codes, books, prefix)), atol=1e-6)
-  psnr = prefix_psnr(tok, params, books, batch["image"])
+        decoded[prefix - 1],
+        decode_latents(params, rvq.dequantize(codes, books, prefix)), atol=1e-6)
+  psnr = jax.jit(prefix_psnr, static_argnums=0)(tok, params, books, batch["image"])
   assert psnr.shape == (3, 8)
   for prefix in range(1, 4):
-    np.testing.assert_allclose(
-        psnr[prefix - 1],
-        image_utils.psnr(tok.decode(params, books, codes, prefix),
-                         image_utils.to_float(batch["image"])), rtol=1e-5)
+    np.testing.assert_allclose(psnr[prefix - 1], image_utils.psnr(decoded[prefix - 1], x),
+                               rtol=1e-5)
   with pytest.raises(ValueError, match="depth 2"):
     tok.decode(params, books, codes[..., :2])
 
