@@ -65,14 +65,14 @@ def _non_negative(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def _sqrtm_product_trace(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-  """``tr(sqrtm(sigma1 sigma2))`` for symmetric PSD ``[F, F]`` inputs, by two symmetric
+  """``tr(sqrtm(sigma1 sigma2))`` for symmetric PSD ``[F, F]`` inputs, by symmetric
   eigendecompositions.
 
   With ``r = sqrt(sigma1)``, ``sigma1 sigma2 = r (r sigma2)`` has the non-zero eigenvalues of
   ``(r sigma2) r = r sigma2 r``, which is symmetric PSD; so the trace is the sum of the
   square roots of ``eigvalsh(r sigma2 r)``. This is the value of the standard FID tools'
   ``scipy.linalg.sqrtm(sigma1 @ sigma2)`` trace (to ~1e-14 relative on full-rank inputs),
-  5-6x faster for F = 2048 (``bench/frechet.py``), with no complex rounding to discard and
+  4.7-6x faster for F = 2048 (``bench/frechet.py``), with no complex rounding to discard and
   no offset retry. On rank-deficient covariances (fewer samples than features) it stays
   exact, where the Schur square root is off by ~1e-7 relative.
   """
