@@ -36,7 +36,7 @@ def low_rank_distance(features1, features2) -> float:
   a, b = features1 - features1.mean(0), features2 - features2.mean(0)
   norm = np.sqrt((len(a) - 1) * (len(b) - 1))
   trace_root = np.sum(np.linalg.svd(a @ b.T, compute_uv=False)) / norm
-  return float(np.sum((a.mean(0) + features1.mean(0) - features2.mean(0)) ** 2)
+  return float(np.sum((features1.mean(0) - features2.mean(0)) ** 2)
                + np.sum(a * a) / (len(a) - 1) + np.sum(b * b) / (len(b) - 1) - 2 * trace_root)
 
 
