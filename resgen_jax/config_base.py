@@ -161,7 +161,7 @@ def sampler_config() -> ml_collections.ConfigDict:
       steps=8,  # T, network calls (2T with CFG), independent of the depth D
       schedule="cosine",  # gamma for how many tokens stay hidden after each step
       cfg_scale=1.0,  # classifier-free guidance w; 1 = conditional only (one call/step)
-      cfg_ramp="constant",  # constant w, or linear from 1 to w over the steps
+      cfg_ramp="constant",  # constant w, or linear from 1 to w over the steps (RQ: the draws)
       temperature=1.0,  # temperature of the component choice; 0 = most probable
       top_p=1.0,  # nucleus over mixture components (baselines: over tokens)
       top_k=0,  # baselines: keep the k most probable tokens; 0 keeps all

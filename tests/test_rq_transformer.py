@@ -112,17 +112,22 @@ def test_cached_sampling_equals_the_uncached_reference(task, params):
   assert not np.array_equal(codes, cached(params, labels, jax.random.key(8)))
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("cfg_scale, cfg_ramp", [(1.0, "constant"), (3.0, "constant"),
+                                                 (3.0, "linear")])
 def test_greedy_samples_are_the_argmax_of_the_teacher_forced_logits(task, params, logits_fn,
-                                                                    cfg_scale):
+                                                                    cfg_scale, cfg_ramp):
   """At temperature 0 every token is the argmax of the (guided) logits that the training
-  forward gives on the finished grid, since those logits see only earlier tokens."""
+  forward gives on the finished grid, since those logits see only earlier tokens. A linear
+  ramp weighs draw n (raster, then depth) by 1 + (w - 1) (n + 1) / (L D)."""
   labels = jnp.asarray([0, 2, 3])
-  codes = jit_sampler(task, sampler_config(temperature=0.0, cfg_scale=cfg_scale), True)(
-      params, labels, jax.random.key(0))
+  scfg = sampler_config(temperature=0.0, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp)
+  codes = jit_sampler(task, scfg, True)(params, labels, jax.random.key(0))
   cond = np.asarray(logits_fn(params, codes, labels))
   uncond = np.asarray(logits_fn(params, codes, jnp.full_like(labels, task.null_class)))
-  guided = uncond + cfg_scale * (cond - uncond)
+  draw = np.arange(POSITIONS * DEPTH).reshape(POSITIONS, DEPTH)
+  weight = (1 + (cfg_scale - 1) * (draw + 1) / draw.size if cfg_ramp == "linear"
+            else np.full(draw.shape, cfg_scale))
+  guided = uncond + weight[..., None] * (cond - uncond)
   np.testing.assert_array_equal(codes, guided.argmax(-1))
 
 
@@ -132,13 +137,14 @@ def np_log_softmax(x):
 
 
 def test_loss_is_the_cross_entropy_of_the_logits(task, params, logits_fn):
-  batch = token_batch(n=3, seed=2)
-  valid = np.ones((3, POSITIONS), bool)
+  batch = token_batch(n=4, seed=2)
+  valid = np.ones((4, POSITIONS), bool)
   valid[1, 12:] = False  # a padded example: its last positions never enter the loss
+  valid[3] = False  # all padding: weighs nothing (and is no NaN)
   batch["valid_positions"] = jnp.asarray(valid)
   loss, metrics = jax.jit(lambda p, b: task.losses(p, task.constants(), b, jax.random.key(0),
                                                    False))(params, batch)
-  codes = np.asarray(batch["codes"]).reshape(3, POSITIONS, DEPTH)
+  codes = np.asarray(batch["codes"]).reshape(4, POSITIONS, DEPTH)
   logits = np.asarray(logits_fn(params, jnp.asarray(codes), batch["label"]), np.float64)
   nll = -np.take_along_axis(np_log_softmax(logits), codes[..., None], -1)[..., 0]
   weights = np.broadcast_to(valid[..., None], nll.shape)

@@ -298,8 +298,9 @@ class RQTransformerTask(TokenTask):
     nll, correct = token_nll(logits, codes)
     weights = jnp.broadcast_to(valid[..., None], codes.shape).astype(jnp.float32)
     count = jnp.sum(weights, axis=(1, 2))
-    return (jnp.sum(nll * weights, axis=(1, 2)) / count,
-            jnp.sum(correct * weights, axis=(1, 2)) / count, count)
+    divisor = jnp.maximum(count, 1.0)  # an all-padding example weighs 0, not NaN
+    return (jnp.sum(nll * weights, axis=(1, 2)) / divisor,
+            jnp.sum(correct * weights, axis=(1, 2)) / divisor, count)
 
   def losses(self, params, constants, batch, rng, train: bool):
     """``(loss, metrics)``: the mean cross-entropy over every real token of the batch."""
@@ -375,14 +376,16 @@ class RQTransformerTask(TokenTask):
     Pure and jittable (close over ``scfg`` and ``use_cache``): a ``lax.scan`` over the L
     positions with a scan over the D depths inside, one token draw each. With
     ``scfg.cfg_scale`` w != 1 the conditional and null-class streams run as one doubled
-    batch and tokens are drawn from ``l_u + w (l_c - l_u)``.
+    batch and tokens are drawn from ``l_u + w (l_c - l_u)``; ``cfg_ramp="linear"`` ramps w
+    from 1 to ``cfg_scale`` over the L x D draws in order, as the step samplers ramp it over
+    their T steps.
 
     Args:
       codebooks: ``[C, V, d]`` tokenizer codebooks.
       labels: int ``[B]``.
       rng: key; token (i, j) is drawn with ``fold_in(rng, i * D + j)``.
       scfg: sampler config: ``temperature`` (0: argmax), ``top_k`` (0: off), ``top_p``
-        (1: off), ``cfg_scale``.
+        (1: off), ``cfg_scale``, ``cfg_ramp``.
       use_cache: key/value caches (one spatial step per position and one depth step per
         token) or the slow reference (the full forward per token); same codes.
     Returns:
@@ -397,12 +400,16 @@ class RQTransformerTask(TokenTask):
     state, begin_position, token_logits = decoder({"params": params["model"]}, codebooks,
                                                   streams)
 
+    draws = self.num_positions * self.depth
+
     def draw(logits, i, j):
+      n = i * self.depth + j  # 0-based draw index
       if guided:
         cond, uncond = jnp.split(logits, 2)
-        logits = uncond + scfg.cfg_scale * (cond - uncond)
-      codes = sampler.draw_tokens(jax.random.fold_in(rng, i * self.depth + j), logits,
-                                  scfg.temperature, scfg.top_k, scfg.top_p)
+        w = sampler.guidance_scale(scfg.cfg_scale, scfg.cfg_ramp, n + 1, draws)
+        logits = uncond + w * (cond - uncond)
+      codes = sampler.draw_tokens(jax.random.fold_in(rng, n), logits, scfg.temperature,
+                                  scfg.top_k, scfg.top_p)
       return jnp.tile(codes, 2) if guided else codes
 
     def position(carry, i):
