@@ -6,14 +6,13 @@ the standard FID tools' ``trace(scipy.linalg.sqrtm(s1 @ s2))``.
 For two feature sets of N = 64 (rank-deficient covariances, as in small evaluations) and
 N = 4096 rows (full rank), it prints the median seconds of each route, their ratio, and how
 far apart the two distances are (relative; at N = 64 that is the Schur square root's error:
-ours equals the exact low-rank value, tests/test_evaluation.py). Host-side numpy, so the numbers are the CPU's
-whatever the accelerator; results go to ``<out>/frechet_cpu.json``.
+ours equals the exact low-rank value, tests/test_evaluation.py). Host-side numpy, so the
+numbers are the CPU's whatever the accelerator; results go to ``<out>/frechet_cpu.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -21,6 +20,7 @@ import scipy.linalg
 
 from bench.timing import median_seconds
 from resgen_jax.evaluation import frechet
+from resgen_jax.utils import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = (64, 4096)
@@ -61,8 +61,7 @@ def main():
           f"{r['scipy_sqrtm_s'] / r['ours_s']:>8.1f}x {r['relative_difference']:>10.2g}")
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "frechet_cpu.json")
-  with open(path, "w") as f:
-    json.dump({"repeats": args.repeats, "rows": results}, f, indent=2)
+  files.save_json(path, {"repeats": args.repeats, "rows": results})
   print(f"wrote {path}")
 
 
