@@ -70,12 +70,14 @@ def family_config(config, family: str, num_layers: int):
   return config
 
 
-def make_task(config, depth: int, side: int = GRID_SIDE):
-  """The family of ``config`` on a ``side x side`` grid of depth ``depth``, random books."""
-  books = np.random.default_rng(depth).normal(size=(depth, CODEBOOK_SIZE, LATENT_DIM))
+def make_task(config, depth: int, side: int = GRID_SIDE, books=None):
+  """The family of ``config`` on a ``side x side`` grid of depth ``depth``, with the
+  codebooks ``books`` ``[C, V, d]`` (default: random digits-sized books)."""
+  if books is None:
+    books = np.random.default_rng(depth).normal(size=(depth, CODEBOOK_SIZE, LATENT_DIM))
+  books = pipeline.generator_codebooks(np.asarray(books, np.float32), depth)
   family = pipeline.FAMILIES[config.generator.family]
-  return family(config.generator, books.astype(np.float32), side * side, depth,
-                config.data.num_classes)
+  return family(config.generator, books, side * side, depth, config.data.num_classes)
 
 
 def init(task, batch: int = 1):
@@ -89,13 +91,15 @@ def parameter_count(task) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def matched_config(config, family: str, depth: int, target: int, side: int = GRID_SIDE):
+def matched_config(config, family: str, depth: int, target: int, side: int = GRID_SIDE,
+                   books=None):
   """The family's config whose parameter count is closest to ``target`` (by layers; the
-  count grows with them, so the search stops at the first count past the target)."""
+  count grows with them, so the search stops at the first count past the target), and
+  that count."""
   best = None
   for num_layers in range(1, MAX_LAYERS + 1):
     candidate = family_config(config, family, num_layers)
-    count = parameter_count(make_task(candidate, depth, side))
+    count = parameter_count(make_task(candidate, depth, side, books))
     if best is None or abs(count - target) < abs(best[1] - target):
       best = candidate, count
     if count >= target:

@@ -118,6 +118,10 @@ def generator_config() -> ml_collections.ConfigDict:
       # a softmax per hidden depth: MaskGIT-style), or rq_transformer (autoregressive over
       # positions, then depths: Lee et al. 2022). Same trainer, checkpoints, CLI, evaluation.
       family="resgen",
+      # how many depths of the cached codes to model (0: all): generators of depth 4, 8 and
+      # 16 can share one depth-16 tokenizer trained with quantizer dropout, so they differ
+      # only in what they generate (bench/study.py)
+      token_depth=0,
       model=dict(
           width=128,  # transformer width
           num_layers=4,  # transformer blocks
@@ -144,6 +148,9 @@ def generator_config() -> ml_collections.ConfigDict:
           schedule="cosine",  # masking schedule gamma: cosine | linear | square | cubic | sqrt
           sigma=0.5,  # mixture standard deviation (in normalised target units)
           learn_sigma=False,  # learn sigma (a scalar) instead of fixing it
+          # with learn_sigma: one sigma per hidden count k (fine tails are near-unpredictable
+          # and want a wide sigma, fully hidden positions a narrow one)
+          sigma_per_count=False,
           target_norm=True,  # divide targets by their RMS per hidden count k (from data)
           cond_dropout=0.1,  # probability of the null class (and null text) in training (CFG)
           # speech: share of examples trained with a wholly visible prefix (a prompt) of up to
@@ -167,6 +174,10 @@ def sampler_config() -> ml_collections.ConfigDict:
       top_k=0,  # baselines: keep the k most probable tokens; 0 keeps all
       confidence_temperature=1.0,  # Gumbel noise scale tau on the confidences, x (1 - t/T)
       mean_noise=0.0,  # std of Gaussian noise added to the chosen mean (embedding units)
+      # ResGen: a candidate token's confidence, codebook (softmax over raw squared distances)
+      # or mixture (the same over 2 sigma_k^2, the model's own scale): generator/sampler.py
+      confidence="codebook",
+      guide_means=True,  # ResGen with CFG: guide the means too (False: the logits only)
       samples_per_class=16,  # --mode=sample draws this many images of every class
       batch_size=256,  # samples per jitted sampler call
       seed=0,  # sampling seed

@@ -27,6 +27,7 @@ import time
 from typing import Callable, Dict, Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -297,14 +298,31 @@ FAMILIES = {"resgen": GeneratorTask, "direct": DirectTokenTask,
             "rq_transformer": RQTransformerTask}
 
 
+def generator_depth(config, meta: dict) -> int:
+  """How many depths of the cached codes the generator models: ``generator.token_depth``,
+  or all of them (0). Raises a ValueError naming the field when out of range."""
+  depth = config.generator.token_depth
+  if not 0 <= depth <= meta["depth"]:
+    raise ValueError(f"generator.token_depth must be in [0, {meta['depth']}] (0: every "
+                     f"depth of the cached codes), got {depth}")
+  return depth or meta["depth"]
+
+
+def generator_codebooks(codebooks: np.ndarray, depth: int) -> np.ndarray:
+  """The books of the first ``depth`` depths: per-depth books ``[D, V, d]`` are cut to
+  ``[depth, V, d]``; a shared book ``[1, V, d]`` serves every depth as it is."""
+  return codebooks if codebooks.shape[0] == 1 else codebooks[:depth]
+
+
 def make_generator_task(config, workdir: str) -> TokenTask:
   family = config.generator.family
   if family not in FAMILIES:
     raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got {family!r}")
   meta, codebooks = token_cache.load_meta(workdir)
   h, w = meta["grid"]
-  return FAMILIES[family](config.generator, codebooks, h * w, meta["depth"],
-                          config.data.num_classes)
+  depth = generator_depth(config, meta)
+  return FAMILIES[family](config.generator, generator_codebooks(codebooks, depth), h * w,
+                          depth, config.data.num_classes)
 
 
 def run_generator(config, workdir: str, mesh) -> None:
@@ -316,9 +334,10 @@ def run_generator(config, workdir: str, mesh) -> None:
   pid, count = jax.process_index(), jax.process_count()
   classes = config.data.num_classes
   train_iter = token_cache.TokenBatches(
-      token_cache.token_source(workdir, config.data.train_split, classes), gcfg.batch_size,
-      config.seed, pid, count)
-  eval_source = token_cache.token_source(workdir, config.data.eval_split, classes)
+      token_cache.token_source(workdir, config.data.train_split, classes, task.depth),
+      gcfg.batch_size, config.seed, pid, count)
+  eval_source = token_cache.token_source(workdir, config.data.eval_split, classes,
+                                         task.depth)
   every = config.evaluation.proxy_every
   if every < 0:
     raise ValueError(f"evaluation.proxy_every must be >= 0 (0: off), got {every}")
@@ -339,7 +358,7 @@ def load_generator(config, workdir: str, mesh):
   # The smallest global batch the batch shards and the processes both divide.
   rows = math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
   example = mesh_lib.global_batch(
-      {"codes": np.zeros((rows, *meta["grid"], meta["depth"]), np.int32),
+      {"codes": np.zeros((rows, *meta["grid"], task.depth), np.int32),
        "label": np.zeros((rows,), np.int32)}, mesh)
   state = trainer.load_trained_state(task, config.generator.train, workdir, example, mesh,
                                      config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
@@ -371,10 +390,13 @@ def make_image_sampler(config, tok_task: TokenizerTask, gen_task: TokenTask,
   h, w = tok_task.tok.grid_shape(config.data.image_size)
 
   def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):  # labels batch-sharded
-    codes = gen_task.sample_codes(gen_params, gen_state, codebooks, labels, rng,
+    codes = gen_task.sample_codes(gen_params, gen_state,
+                                  generator_codebooks(codebooks, gen_task.depth), labels, rng,
                                   config.sampler)
     codes = codes.reshape(labels.shape[0], h, w, gen_task.depth)
-    return tok_task.tok.decode(ae_params, codebooks, codes), codes
+    # A generator of a depth prefix (generator.token_depth) decodes from that prefix.
+    padded = jnp.pad(codes, ((0, 0),) * 3 + ((0, tok_task.tok.depth - gen_task.depth),))
+    return tok_task.tok.decode(ae_params, codebooks, padded, prefix=gen_task.depth), codes
 
   # Outputs replicated, so every process can read the whole batch.
   return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))

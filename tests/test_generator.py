@@ -120,6 +120,30 @@ def test_losses_match_numpy(learned):
       2 * np.pi) >= nll - 1e-6
 
 
+def test_losses_with_a_sigma_per_position_match_numpy():
+  """log_sigma [B, L] (sigma_per_count): every position's Gaussian has its own sigma."""
+  rng = np.random.default_rng(7)
+  target, logits = rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 6))
+  means, weights = rng.normal(size=(3, 4, 6, 5)), np.ones((3, 4))
+  sigma = rng.uniform(0.2, 1.5, size=(3, 4))
+  expected = [np_losses(target[b:b + 1, i:i + 1], logits[b:b + 1, i:i + 1],
+                        means[b:b + 1, i:i + 1], sigma[b, i], weights[b:b + 1, i:i + 1], True)
+              for b in range(3) for i in range(4)]
+  args = [jnp.asarray(x, jnp.float32) for x in (target, logits, means)]
+  log_sigma = jnp.asarray(np.log(sigma), jnp.float32)
+  got = mixture.jensen_losses(*args, log_sigma, jnp.asarray(weights, jnp.float32), True)
+  np.testing.assert_allclose(got["cls"], np.mean([e[0] for e in expected]), rtol=1e-5)
+  np.testing.assert_allclose(got["reg"], np.mean([e[1] for e in expected]), rtol=1e-5)
+  nll = mixture.position_nll(*args, log_sigma)
+  np.testing.assert_allclose(nll, np.reshape([e[2] for e in expected], (3, 4)), rtol=1e-5)
+  hidden = rng.integers(0, 4, size=(3, 4))
+  by_count = mixture.nll_by_count(nll, jnp.asarray(hidden), jnp.asarray(weights), 3)
+  for k in (1, 2, 3):
+    chosen = np.asarray(nll)[hidden == k]
+    np.testing.assert_allclose(by_count[k - 1], chosen.mean() if chosen.size else 0.0,
+                               rtol=1e-6)
+
+
 def tiny_task(depth=3, num_positions=6, classes=4, **loss):
   cfg = tiny_config().generator
   cfg.model.update(width=32, num_layers=2, num_heads=2, num_components=4, low_rank=4)
@@ -132,6 +156,29 @@ def token_batch(n=8, positions=6, depth=3, seed=0):
   rng = np.random.default_rng(seed)
   return {"codes": jnp.asarray(rng.integers(0, 8, (n, positions, depth)), jnp.int32),
           "label": jnp.asarray(rng.integers(0, 4, (n,)), jnp.int32)}
+
+
+def test_a_learned_sigma_per_hidden_count():
+  with pytest.raises(ValueError, match="needs generator.loss.learn_sigma=True"):
+    tiny_task(sigma_per_count=True)
+  task, _ = tiny_task(learn_sigma=True, sigma_per_count=True, sigma=0.5)
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  state = task.data_init(params, state, batch, jax.random.key(1))
+  assert params["log_sigma"].shape == (task.depth + 1,)
+  np.testing.assert_allclose(params["log_sigma"], math.log(0.5))
+  params["log_sigma"] = jnp.log(jnp.asarray([9.0, 0.2, 0.4, 0.8]))
+  hidden = jnp.asarray([[0, 1, 2, 3, 3, 1]])
+  np.testing.assert_allclose(task.position_log_sigma(params, hidden),
+                             np.log([[9.0, 0.2, 0.4, 0.8, 0.8, 0.2]]), rtol=1e-6)
+  rms = np.asarray(state["target_rms"])
+  np.testing.assert_allclose(task.embedding_sigma(params, state, hidden),
+                             np.array([[9.0, 0.2, 0.4, 0.8, 0.8, 0.2]]) * rms[hidden],
+                             rtol=1e-5)
+  grads = jax.grad(lambda p: task.losses(p, state, task.constants(), batch,
+                                         jax.random.key(2), True)[0])(params)
+  assert float(grads["log_sigma"][0]) == 0.0  # k = 0 is never scored
+  assert np.all(np.asarray(grads["log_sigma"][1:]) != 0.0)
 
 
 def test_padding_never_changes_real_positions():
@@ -208,6 +255,8 @@ def test_one_training_step(kind, learn_sigma):
   if learn_sigma:
     assert float(s1.params["log_sigma"]) != float(s2.params["log_sigma"])
     assert float(m2["sigma"]) == pytest.approx(math.exp(float(s1.params["log_sigma"])))
+  # Per-count NLLs: the positions hiding k tokens, k = 1..D; the loss weights them by count.
+  assert all(np.isfinite(float(m2[f"nll_k{k}"])) for k in range(1, task.depth + 1))
   sums = jax.jit(task.eval_step)(s2.params, s2.model_state, task.constants(),
                                  dict(batch, valid=jnp.ones((8,), bool)))
   assert float(sums["count"]) == 8 and np.isfinite(float(sums["loss"]))

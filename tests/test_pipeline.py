@@ -135,6 +135,35 @@ def test_baselines_share_the_stages_on_the_same_tokens(trained, tmp_path, family
     pipeline.run(trained_config(), run_dir, stages=("sample",))
 
 
+def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
+  """generator.token_depth=2 on the depth-3 cache: the generator models and samples the
+  first two depths, its images are the tokenizer's decodes of that prefix; out of range
+  is refused by name."""
+  config = trained_config()
+  config.generator.token_depth = 2
+  config.generator.train.update(num_steps=4, log_every=2)
+  config.evaluation.proxy_every = 0
+  run_dir = str(tmp_path / "prefix")
+  for name in ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR):
+    shutil.copytree(os.path.join(trained, name), os.path.join(run_dir, name))
+  pipeline.run(config, run_dir, stages=("generator", "sample"))
+  gen_task, _ = pipeline.load_generator(config, run_dir, mesh_lib.make_mesh(("data",), (-1,)))
+  assert gen_task.depth == 2 and gen_task.codebooks.shape[0] == 2
+  with np.load(pipeline.samples_path(config, run_dir)) as data:
+    images, codes = data["arr_0"], data["codes"]
+  assert codes.shape == (20, 4, 4, 2)
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  tok_task, tok_state, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+  books = tok_state.model_state["codebook"].codebooks
+  padded = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), codes.dtype)], -1)
+  decoded = image_utils.to_uint8(tok_task.tok.decode(
+      tok_state.params["autoencoder"], books, jnp.asarray(padded), prefix=2))
+  assert np.abs(decoded.astype(int) - images.astype(int)).max() <= 1
+  config.generator.token_depth = 4
+  with pytest.raises(ValueError, match=r"generator.token_depth must be in \[0, 3\]"):
+    pipeline.make_generator_task(config, run_dir)
+
+
 def test_unknown_family_is_a_clear_error(trained):
   config = trained_config()
   config.generator.family = "maskgit"

@@ -8,11 +8,13 @@ import pytest
 from resgen_jax.codec import rvq
 
 
-def np_quantize(z, books, start=0):
-  """Greedy residual quantization, one vector at a time. books: [D, V, d]."""
+def np_quantize(z, books, start=0, temperature=1.0):
+  """Greedy residual quantization, one vector at a time. books: [D, V, d]; temperature:
+  a scale of the distances in the log-probs, per vector or one for all."""
   depth = books.shape[0]
   flat = z.reshape(-1, z.shape[-1]).astype(np.float64)
   starts = np.broadcast_to(np.asarray(start), z.shape[:-1]).reshape(-1)
+  temps = np.broadcast_to(np.asarray(temperature, np.float64), z.shape[:-1]).reshape(-1)
   codes = np.full((len(flat), depth), rvq.UNUSED_CODE)
   residuals = np.zeros((len(flat), depth, z.shape[-1]))
   log_probs = np.zeros((len(flat), depth))
@@ -25,7 +27,8 @@ def np_quantize(z, books, start=0):
       dist = ((r[None] - books[j]) ** 2).sum(-1)
       c = int(np.argmin(dist))
       codes[n, j] = c
-      log_probs[n, j] = -dist[c] - np.log(np.exp(-dist - (-dist).max()).sum()) - (-dist).max()
+      scaled = -dist / temps[n]
+      log_probs[n, j] = scaled[c] - np.log(np.exp(scaled - scaled.max()).sum()) - scaled.max()
       r = r - books[j, c]
   shape = z.shape[:-1]
   return (codes.reshape(shape + (depth,)), residuals.reshape(shape + (depth, z.shape[-1])),
@@ -99,6 +102,23 @@ def test_quantize_from_given_depth(rng):
   np.testing.assert_array_equal(q.codes, codes)
   # The quantized vector is the sum of the embeddings of the depths it filled only.
   np.testing.assert_allclose(q.quantized, np_embed_sum(codes, books, depth), atol=1e-4)
+
+
+def test_quantize_log_probs_at_a_temperature_per_vector(rng):
+  depth, size, dim = 4, 12, 3
+  books = rng.normal(size=(depth, size, dim)).astype(np.float32)
+  v = rng.normal(size=(2, 5, dim)).astype(np.float32)
+  temps = rng.uniform(0.05, 3.0, size=(2, 5)).astype(np.float32)
+  starts = rng.integers(0, depth, size=(2, 5))
+  q = rvq.quantize(jnp.asarray(v), jnp.asarray(books), start_depth=jnp.asarray(starts),
+                   temperature=jnp.asarray(temps))
+  codes, _, log_probs = np_quantize(v, books, starts, temps)
+  np.testing.assert_array_equal(q.codes, codes)  # the codes never depend on the scale
+  np.testing.assert_allclose(q.log_probs, log_probs, rtol=1e-4, atol=1e-4)
+  # A scalar temperature is the same as that value everywhere.
+  q2 = rvq.quantize(jnp.asarray(v), jnp.asarray(books), temperature=0.5)
+  np.testing.assert_allclose(q2.log_probs, np_quantize(v, books, 0, 0.5)[2], rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_embed_treats_unused_code_as_zero(rng):

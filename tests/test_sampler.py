@@ -19,7 +19,8 @@ B, L, K = 2, 5, 3
 def sampler_cfg(**kw):
   cfg = ml_collections.ConfigDict(dict(
       steps=6, schedule="cosine", cfg_scale=1.0, cfg_ramp="constant", temperature=1.0,
-      top_p=1.0, top_k=0, confidence_temperature=1.0, mean_noise=0.0))
+      top_p=1.0, top_k=0, confidence_temperature=1.0, mean_noise=0.0,
+      confidence="codebook", guide_means=True))
   cfg.update(kw)
   return cfg
 
@@ -173,6 +174,50 @@ def test_guidance_combines_logits_and_means_as_specified():
   assert not np.array_equal(out.codes, data)
 
 
+def test_guidance_of_the_logits_only_keeps_the_conditional_means():
+  """guide_means=False: logits are guided, the means are the conditional call's."""
+  w = 3.0
+  cond = (jnp.asarray([[1.0, 2.0]]), jnp.asarray([[[0.5], [1.5]]]))
+  uncond = (jnp.asarray([[0.0, 4.0]]), jnp.asarray([[[2.0], [-1.0]]]))
+  network = lambda x, conditional: cond if conditional else uncond
+  cfg = sampler_cfg(cfg_scale=w)
+  logits, means = sampler.guided(network, cfg, 1, None, conditional_only=(1,))
+  np.testing.assert_allclose(logits, uncond[0] + w * (cond[0] - uncond[0]))
+  np.testing.assert_allclose(means, cond[1])
+  both = sampler.guided(network, cfg, 1, None)
+  np.testing.assert_allclose(both[1], uncond[1] + w * (cond[1] - uncond[1]))
+
+
+def test_mixture_confidence_scores_candidates_under_the_models_sigma():
+  """confidence="mixture": the candidates' log-probs are a softmax over codes of
+  -||r - e||^2 / (2 sigma^2) with each position's sigma (numpy), the tokens unchanged."""
+  depth = 3
+  books = jnp.asarray(np.random.default_rng(5).normal(size=(depth, 8, 3)), jnp.float32)
+  rng = np.random.default_rng(6)
+  means = jnp.asarray(rng.normal(size=(B, L, 1, 3)), jnp.float32)
+  network = lambda codes, hidden, conditional: (jnp.zeros((B, L, 1)), means)
+  hidden = jnp.asarray(rng.integers(1, depth + 1, (B, L)), jnp.int32)
+  sigma = lambda h: 0.1 * h.astype(jnp.float32)
+  codes = jnp.zeros((B, L, depth), jnp.int32)
+  base = sampler.mixture_proposal(network, books, sampler_cfg())(codes, hidden, 1,
+                                                                 jax.random.key(0))
+  scaled = sampler.mixture_proposal(network, books, sampler_cfg(confidence="mixture"),
+                                    sigma_fn=sigma)(codes, hidden, 1, jax.random.key(0))
+  np.testing.assert_array_equal(base[0], scaled[0])
+  b, i = 1, 2
+  r = np.asarray(means[b, i, 0], np.float64)
+  s2 = 2 * (0.1 * int(hidden[b, i])) ** 2
+  for j in range(depth - int(hidden[b, i]), depth):
+    dist = ((r[None] - np.asarray(books[j])) ** 2).sum(-1)
+    c = int(np.argmin(dist))
+    assert int(scaled[0][b, i, j]) == c
+    log_p = -dist[c] / s2 - np.log(np.exp(-dist / s2).sum())
+    np.testing.assert_allclose(scaled[1][b, i, j], log_p, rtol=1e-3, atol=1e-3)
+    r = r - np.asarray(books[j, c])
+  with pytest.raises(ValueError, match="needs the model's sigma"):
+    sampler.mixture_proposal(network, books, sampler_cfg(confidence="mixture"))
+
+
 def test_ties_are_broken_deterministically_by_position_then_depth():
   depth = 3
   # Every position predicts the same mean, so every candidate has the same score; with no
@@ -206,6 +251,10 @@ def test_bad_sampler_config_values():
     run(Recorder(4), 4, sampler_cfg(schedule="exp"))
   with pytest.raises(ValueError, match="cfg_ramp"):
     run(Recorder(4), 4, sampler_cfg(cfg_scale=2.0, cfg_ramp="cosine"))
+  with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+    run(Recorder(4), 4, sampler_cfg(cfg_scale=-1.0))
+  with pytest.raises(ValueError, match="sampler.confidence must be one of"):
+    run(Recorder(4), 4, sampler_cfg(confidence="entropy"))
 
 
 def test_schedule_table_is_exact_at_and_near_integers():

@@ -76,7 +76,7 @@ class DirectTokenTask(GeneratorTask):
 
     return network
 
-  def proposal(self, network, codebooks, scfg):
+  def proposal(self, network, codebooks, scfg, params=None, model_state=None):
     """A token per hidden slot from its softmax; ResGen's schedule does the rest."""
-    del codebooks
+    del codebooks, params, model_state
     return sampler.token_proposal(network, scfg)

@@ -99,7 +99,9 @@ def quantize(z: Array, codebooks: Array, depth: Optional[int] = None,
     start_depth: 0-based first depth to fill: an int, or an int array broadcastable to
       ``z.shape[:-1]`` (one start per vector). ResGen re-quantizes a predicted sum of hidden
       embeddings with the codebooks of the hidden depths only, i.e. ``start_depth = D - k``.
-    temperature: scale of the distances in ``log_probs``.
+    temperature: scale of the distances in ``log_probs``: a float, or an array
+      broadcastable to ``z.shape[:-1]`` (one scale per vector, e.g. ``2 sigma^2`` of a
+      Gaussian around each).
 
   Returns:
     :class:`Quantized`.
@@ -113,6 +115,7 @@ def quantize(z: Array, codebooks: Array, depth: Optional[int] = None,
     raise ValueError(f"z has width {z.shape[-1]} but codebooks have width {books.shape[-1]}")
   batch_shape = z.shape[:-1]
   start = jnp.broadcast_to(jnp.asarray(start_depth, jnp.int32), batch_shape)
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), batch_shape)[..., None]
 
   def step(residual, inputs):
     j, book = inputs
@@ -121,8 +124,9 @@ def quantize(z: Array, codebooks: Array, depth: Optional[int] = None,
     logits = 2.0 * jnp.einsum("...d,vd->...v", residual, book,
                               precision=jax.lax.Precision.HIGHEST) - jnp.sum(book * book, -1)
     code = first_argmax(logits)
-    log_prob = (jnp.take_along_axis(logits, code[..., None], axis=-1)[..., 0] / temperature
-                - jax.nn.logsumexp(logits / temperature, axis=-1))
+    scaled = logits / temperature
+    log_prob = (jnp.take_along_axis(scaled, code[..., None], axis=-1)[..., 0]
+                - jax.nn.logsumexp(scaled, axis=-1))
     active = j >= start
     embedding = jnp.where(active[..., None], book[code], 0.0)
     out = (jnp.where(active, code, UNUSED_CODE), residual, jnp.where(active, log_prob, 0.0))

@@ -130,9 +130,13 @@ def _token_batch(batch: dict) -> dict:
   return out
 
 
-def token_source(workdir: str, split: str, num_classes: int):
-  """The cached codes of a split as a random-access source (codes in its image field)."""
+def token_source(workdir: str, split: str, num_classes: int, depth: int = 0):
+  """The cached codes of a split as a random-access source (codes in its image field):
+  their first ``depth`` depths (0: all), so generators of several depths can share one
+  depth-D cache (a tokenizer trained with quantizer dropout decodes every prefix)."""
   codes, labels = load_tokens(workdir, split)
+  if depth:
+    codes = np.ascontiguousarray(codes[..., :depth])
   return data_lib.ArraySource(f"tokens/{split}", codes, labels, num_classes)
 
 

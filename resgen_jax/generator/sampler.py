@@ -26,7 +26,7 @@ exactly the same schedule and confidence rule as ResGen (:func:`mixture_proposal
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -45,6 +45,12 @@ KNOWN_STEP = 0  # reveal_step of tokens known from the start (prompt, padding)
 # value such as 6.99976.
 INTEGER_TOLERANCE = 1e-9
 CFG_RAMPS = ("constant", "linear")
+# What a candidate token's confidence is (ResGen; the method leaves the scale open):
+# "codebook": log-softmax over codes of the raw negative squared distances (temperature 1 in
+# embedding units); "mixture": the same under the model's own Gaussian, distances over
+# 2 sigma_k^2 with sigma_k the trained mixture sigma of the position's hidden count k in
+# embedding units, so fine depths (tiny residuals) are scored on their own scale.
+CONFIDENCES = ("codebook", "mixture")
 
 
 @flax.struct.dataclass
@@ -118,18 +124,29 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sampler.top_k must be >= 0 (0: off), got {cfg.top_k}")
   if cfg.temperature < 0:
     raise ValueError(f"sampler.temperature must be >= 0, got {cfg.temperature}")
+  if cfg.cfg_scale < 0:
+    raise ValueError(f"sampler.cfg_scale must be >= 0 (1: no guidance), got {cfg.cfg_scale}")
+  if cfg.confidence not in CONFIDENCES:
+    raise ValueError(f"sampler.confidence must be one of {CONFIDENCES}, got "
+                     f"{cfg.confidence!r}")
   guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
 
 
-def guided(network_fn: Callable, cfg: ml_collections.ConfigDict, t: Array, *inputs):
+def guided(network_fn: Callable, cfg: ml_collections.ConfigDict, t: Array, *inputs,
+           conditional_only=()):
   """The network's outputs at step ``t`` with classifier-free guidance: every output array
-  ``o`` becomes ``o_u + w (o_c - o_u)`` (one call without guidance, ``cfg_scale == 1``)."""
+  ``o`` becomes ``o_u + w (o_c - o_u)`` (one call without guidance, ``cfg_scale == 1``),
+  except the outputs at the indices ``conditional_only``, which are the conditional ones."""
   conditional = network_fn(*inputs, True)
   if cfg.cfg_scale == 1.0:
     return conditional
   unconditional = network_fn(*inputs, False)
   w = guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, t, cfg.steps)
-  return jax.tree.map(lambda c, u: u + w * (c - u), conditional, unconditional)
+  mix = lambda c, u: jax.tree.map(lambda a, b: b + w * (a - b), c, u)
+  if not conditional_only:
+    return mix(conditional, unconditional)
+  return tuple(c if i in conditional_only else mix(c, u)
+               for i, (c, u) in enumerate(zip(conditional, unconditional)))
 
 
 def choose_means(rng: Array, logits: Array, means: Array, temperature: float, top_p: float,
@@ -224,17 +241,25 @@ def known_prefix(known: Array) -> Array:
   return jnp.cumprod(known.astype(jnp.int32), axis=-1).astype(bool)
 
 
-def mixture_proposal(network_fn: Callable, codebooks: Array,
-                     cfg: ml_collections.ConfigDict) -> Callable:
+def mixture_proposal(network_fn: Callable, codebooks: Array, cfg: ml_collections.ConfigDict,
+                     sigma_fn: Optional[Callable] = None) -> Callable:
   """ResGen's proposal (steps 1-2): ``(codes, hidden, t, rng) -> (candidates [B,L,D],
   log_probs [B,L,D])``; candidates at a position's hidden depths come from quantizing one
-  drawn mixture mean with those depths' codebooks."""
+  drawn mixture mean with those depths' codebooks. With CFG the means are guided too unless
+  ``cfg.guide_means`` is False (then only the component logits are). ``sigma_fn(hidden
+  [B,L]) -> [B,L]``, the mixture sigma in embedding units, is what the ``mixture``
+  confidence needs (see CONFIDENCES)."""
+  if cfg.confidence == "mixture" and sigma_fn is None:
+    raise ValueError("sampler.confidence='mixture' needs the model's sigma (sigma_fn)")
 
   def propose(codes, hidden, t, rng):
-    logits, means = guided(network_fn, cfg, t, codes, hidden)
+    logits, means = guided(network_fn, cfg, t, codes, hidden,
+                           conditional_only=() if cfg.guide_means else (1,))
     mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, cfg.mean_noise)
     depth = codes.shape[-1]
-    candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - hidden)
+    temperature = 1.0 if cfg.confidence == "codebook" else 2.0 * jnp.square(sigma_fn(hidden))
+    candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - hidden,
+                              temperature=temperature)
     return candidates.codes, candidates.log_probs
 
   return propose
@@ -281,7 +306,8 @@ def unmask(propose: Callable, codes: Array, known: Array, rng: Array,
     rng: PRNG key.
     cfg: sampler config: ``steps``, ``schedule``, ``cfg_scale``, ``cfg_ramp``,
       ``temperature``, ``top_k``, ``top_p``, ``confidence_temperature``, ``mean_noise``
-      (std of the noise added to the chosen mean).
+      (std of the noise added to the chosen mean), and for ResGen ``confidence`` and
+      ``guide_means``.
 
   Returns:
     :class:`SampleOutput`.

@@ -114,6 +114,9 @@ class GeneratorTask(TokenTask):
       raise ValueError(f"generator.loss.kind must be one of {mixture.LOSSES}, got {loss.kind!r}")
     if loss.sigma <= 0:
       raise ValueError(f"generator.loss.sigma must be positive, got {loss.sigma}")
+    if loss.sigma_per_count and not loss.learn_sigma:
+      raise ValueError("generator.loss.sigma_per_count=True learns one sigma per hidden "
+                       "count: it needs generator.loss.learn_sigma=True")
     if not (0.0 <= loss.prompt_prob <= 1.0 and 0.0 <= loss.prompt_max_fraction < 1.0):
       raise ValueError(f"generator.loss.prompt_prob must be in [0, 1] and prompt_max_fraction "
                        f"in [0, 1), got {loss.prompt_prob} and {loss.prompt_max_fraction}")
@@ -146,7 +149,8 @@ class GeneratorTask(TokenTask):
     params = {"model": self.model.init(rng, visible, jnp.zeros(codes.shape[:2], jnp.int32),
                                        labels, valid, text=self.text(batch))["params"]}
     if self.cfg.loss.learn_sigma:
-      params["log_sigma"] = jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32)
+      shape = (self.depth + 1,) if self.cfg.loss.sigma_per_count else ()
+      params["log_sigma"] = jnp.full(shape, math.log(self.cfg.loss.sigma), jnp.float32)
     return params, {"target_rms": jnp.ones((self.depth + 1,), jnp.float32)}
 
   def data_init(self, params, model_state, batch, rng):
@@ -164,7 +168,20 @@ class GeneratorTask(TokenTask):
     return {"target_rms": jnp.concatenate([jnp.ones((1,)), rms])}
 
   def log_sigma(self, params) -> jax.Array:
+    """log sigma in normalised target units: a scalar, or ``[D + 1]`` (one per hidden count,
+    ``loss.sigma_per_count``; entry 0 is unused)."""
     return params.get("log_sigma", jnp.asarray(math.log(self.cfg.loss.sigma), jnp.float32))
+
+  def position_log_sigma(self, params, hidden: jax.Array) -> jax.Array:
+    """log sigma of every position's mixture, in normalised target units: ``[B, L]``."""
+    log_sigma = self.log_sigma(params)
+    return log_sigma[hidden] if log_sigma.ndim else jnp.broadcast_to(log_sigma, hidden.shape)
+
+  def embedding_sigma(self, params, model_state, hidden: jax.Array) -> jax.Array:
+    """Every position's mixture sigma in embedding units (target normalisation undone):
+    ``[B, L]``, the scale of the sampler's ``mixture`` confidence."""
+    return (jnp.exp(self.position_log_sigma(params, hidden))
+            * model_state["target_rms"][hidden])
 
   def masked_batch(self, constants, batch, rng, train: bool) -> dict:
     """The training view of a batch: a mask drawn from ``rng`` (split in three: mask, class
@@ -204,15 +221,23 @@ class GeneratorTask(TokenTask):
                                      valid, train=train, text=m["text"],
                                      rngs={"dropout": dropout_key})
     weights = ((hidden > 0) & valid).astype(jnp.float32)
-    log_sigma = self.log_sigma(params)
+    log_sigma = self.position_log_sigma(params, hidden)
     terms = mixture.jensen_losses(target, logits, means, log_sigma, weights,
                                   loss_cfg.learn_sigma)
-    nll = mixture.mixture_nll(target, logits, means, log_sigma, weights)
+    position_nll = mixture.position_nll(target, logits, means, log_sigma)
+    nll = mixture.weighted_mean(position_nll, weights)
     loss = terms["cls"] + terms["reg"] if loss_cfg.kind == "jensen" else nll
     metrics = {"cls": terms["cls"], "reg": terms["reg"], "nll": nll,
                "mixture_entropy": mixture.usage_entropy(logits, weights),
-               "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth),
-               "sigma": jnp.exp(log_sigma)}
+               "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth)}
+    # Where the loss goes and what sigma each hidden count has learned (k = 1..D).
+    by_count = mixture.nll_by_count(position_nll, hidden, weights, self.depth)
+    sigma = jnp.broadcast_to(jnp.exp(self.log_sigma(params)), (self.depth + 1,))
+    for k in range(1, self.depth + 1):
+      metrics[f"nll_k{k}"] = by_count[k - 1]
+      if loss_cfg.sigma_per_count:
+        metrics[f"sigma_k{k}"] = sigma[k]
+    metrics["sigma"] = jnp.mean(sigma[1:])
     return loss, metrics
 
   def loss_and_grads(self, params, model_state, constants, batch, rng, step):
@@ -271,8 +296,13 @@ class GeneratorTask(TokenTask):
     outside ``valid`` (padding) are treated as known and never attended to."""
     known = known | ~valid[..., None]
     network = self.network_fn(params, model_state, codebooks, labels, valid, text)
-    return sampler.unmask(self.proposal(network, codebooks, scfg), codes, known, rng, scfg)
+    return sampler.unmask(self.proposal(network, codebooks, scfg, params, model_state), codes,
+                          known, rng, scfg)
 
-  def proposal(self, network, codebooks, scfg):
-    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture."""
-    return sampler.mixture_proposal(network, codebooks, scfg)
+  def proposal(self, network, codebooks, scfg, params=None, model_state=None):
+    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture, whose
+    ``sampler.confidence="mixture"`` needs the trained sigma (``params``, ``model_state``)."""
+    scale = None
+    if scfg.confidence == "mixture":
+      scale = lambda hidden: self.embedding_sigma(params, model_state, hidden)
+    return sampler.mixture_proposal(network, codebooks, scfg, sigma_fn=scale)

@@ -1,0 +1,397 @@
+"""The paper's claims on data: ResGen against the baselines and against its own depth.
+
+    python -m bench.study run --data digits --workdir /tmp/study \
+        [--families resgen,direct,rq_transformer] [--depths 4,8,16] [--seeds 0,1,2] \
+        [--train_steps 1000] [--samples 2000] [--variant base --set generator.loss.x=y ...] \
+        [--sampler name:field=value,field=value ...]
+    python -m bench.study report --data digits      # tables and plots from finished runs
+
+One tokenizer per data set, at depth ``MAX_DEPTH`` with quantizer dropout (so every depth
+prefix decodes), is trained once under ``WORKDIR/<data>/base`` with its token cache; every
+generator run reads a depth prefix of those codes (``generator.token_depth``), so families
+and depths see the same latents and only the generator varies. Each baseline is matched to
+ResGen's parameter count by its number of layers (``bench.compare.matched_config``); the
+steps, batch, schedule, EMA and data order (the seed) are the same for every family.
+
+A run is (variant, family, depth, seed): ``--variant`` names a set of ``--set`` config
+overrides (an ablation; ``base`` is the config as it is). Each trained run is sampled with
+every ``--sampler`` setting (``name:field=value,...`` over ``config.sampler``; ``default``
+is the config's sampler): ``--samples`` images, classes in turn, scored by the evaluation
+extractor (Frechet distance, class agreement, precision/recall, against the held-out split),
+with a bootstrap over the samples for the Frechet distance's own noise, and the sampling
+time per image. Every finished (run, sampler) writes its own
+``<out>/<data>/<variant>/<family>_d<D>_s<seed>__<sampler>.json``, and a rerun skips it: the
+study goes on in pieces, each result committed as it lands.
+
+``report`` aggregates what exists: per variant, sampler, family and depth the mean and std
+over seeds (``table.md``, ``summary.json``), quality against sampling time (the paper's
+figure 2, ``quality_vs_time.png``) and learning curves (``train/fid_proxy`` against the
+step, ``curves_d<D>.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from typing import Dict, List, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+
+from bench import compare
+from resgen_jax import config_base, pipeline
+from resgen_jax.codec import token_cache
+from resgen_jax.evaluation import features as features_lib
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.utils import files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+OUT = os.path.join(REPO, "bench", "results", "study")
+MAX_DEPTH = 16  # the shared tokenizer's depth; runs take prefixes of its codes
+BASE_DIR = "base"
+# Shared with every run of a data set (symlinked): the tokenizer, its codes, the classifier.
+SHARED_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
+BOOTSTRAP_DRAWS = 50  # resamples of the sample set for the Frechet distance's noise
+PROXY_POINTS = 5  # train/fid_proxy evaluations over a run (the learning curve)
+PROXY_SAMPLES = 500
+PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
+COLOURS = {"resgen": "blue", "direct": "green", "rq_transformer": "red"}
+
+
+def data_config(data: str):
+  """configs/digits.py adapted to ``data`` (digits, mnist), tokenizer at MAX_DEPTH."""
+  config = config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
+  config.tokenizer.quantizer.depth = MAX_DEPTH
+  if data == "mnist":  # 28x28 -> 7x7 grid through the npz source
+    folder = os.path.join(SHARED_DATA, "mnist")
+    config.data.update(name="npz", path=os.path.join(folder, "train.npz"),
+                       eval_path=os.path.join(folder, "test.npz"), image_size=28)
+    config.evaluation.classifier_steps = 3000  # 0.98+ on the MNIST test split
+  elif data != "digits":
+    raise ValueError(f"--data must be digits or mnist, got {data!r}")
+  return config
+
+
+def set_field(config, assignment: str) -> None:
+  """Applies ``dotted.field=value`` (value parsed as JSON, else kept as a string)."""
+  if "=" not in assignment:
+    raise ValueError(f"--set wants field=value, got {assignment!r}")
+  field, raw = assignment.split("=", 1)
+  try:
+    value = json.loads(raw)
+  except json.JSONDecodeError:
+    value = raw
+  *parents, leaf = field.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--set: the config has no field {field!r}")
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def parse_sampler(spec: str):
+  """``name:field=value,...`` -> ``(name, {field: value})``; ``default`` -> no changes."""
+  name, _, body = spec.partition(":")
+  settings = {}
+  for item in filter(None, body.split(",")):
+    field, _, raw = item.partition("=")
+    try:
+      settings[field] = json.loads(raw)
+    except json.JSONDecodeError:
+      settings[field] = raw
+  return name, settings
+
+
+def prepare_base(config, workdir: str) -> str:
+  """Trains the shared tokenizer and encodes the data (resumable); trains the evaluation
+  classifier once. -> the base workdir."""
+  base = os.path.join(workdir, BASE_DIR)
+  pipeline.run(config, base, stages=("tokenizer", "encode"))
+  pipeline.classifier_params(config, base)
+  return base
+
+
+def run_dir_for(workdir: str, variant: str, family: str, depth: int, seed: int) -> str:
+  run = os.path.join(workdir, variant, f"{family}_d{depth}_s{seed}")
+  os.makedirs(run, exist_ok=True)
+  for name in SHARED_DIRS:
+    link = os.path.join(run, name)
+    if not os.path.lexists(link):
+      os.symlink(os.path.join(os.path.abspath(workdir), BASE_DIR, name), link)
+  return run
+
+
+def bootstrap_frechet(reference: features_lib.Reference, features: np.ndarray,
+                      draws: int, seed: int) -> dict:
+  """Mean and std of the Frechet distance over ``draws`` resamples (with replacement) of
+  the sample features ``[N, F]``: the metric's noise from the finite sample set."""
+  rng = np.random.default_rng(seed)
+  values = [reference.frechet_distance(features[rng.integers(0, len(features), len(features))])
+            for _ in range(draws)]
+  return {"frechet_bootstrap_mean": float(np.mean(values)),
+          "frechet_bootstrap_std": float(np.std(values)),
+          "frechet_bootstrap_95": [float(np.percentile(values, 2.5)),
+                                   float(np.percentile(values, 97.5))]}
+
+
+def learning_curve(run: str) -> List[List[float]]:
+  """``[[step, fid_proxy], ...]`` from the run's metrics.jsonl."""
+  path = os.path.join(run, "metrics.jsonl")
+  curve = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if row.get("stage") == "generator" and "train/fid_proxy" in row:
+          curve.append([row["step"], row["train/fid_proxy"]])
+  return curve
+
+
+def last_train_metrics(run: str) -> dict:
+  """The generator's last logged train metrics (loss, per-k NLL, sigma)."""
+  last = {}
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if row.get("stage") == "generator" and "train/loss" in row:
+        last = row
+  return {k: v for k, v in last.items() if k.startswith("train/")}
+
+
+def score(config, run: str, mesh) -> dict:
+  """Samples and evaluates the run with ``config.sampler``; adds the bootstrap."""
+  samples = pipeline.run_sample(config, run, mesh)
+  report = pipeline.run_evaluate(config, run, mesh)
+  extractor = pipeline.feature_extractor(config, run)
+  reference = features_lib.Reference.from_features(
+      pipeline.heldout_features(config, extractor)[0])
+  with np.load(samples, allow_pickle=False) as data:
+    features, _ = features_lib.extract(extractor, np.array_split(
+        data["arr_0"], max(1, len(data["arr_0"]) // config.evaluation.batch_size)))
+    seconds = float(data["seconds_per_image"])
+  out = dict(report["generated"], seconds_per_image=seconds,
+             real_heldout=report.get("real_heldout"))
+  out.update(bootstrap_frechet(reference, features, BOOTSTRAP_DRAWS, config.seed))
+  return out
+
+
+def run_study(args) -> None:
+  config = data_config(args.data)
+  workdir = os.path.join(args.workdir, args.data)
+  base = prepare_base(config, workdir)  # the same for every variant
+  for assignment in args.set:
+    set_field(config, assignment)
+  meta, books = token_cache.load_meta(base)
+  side = meta["grid"][0]
+  out_dir = os.path.join(args.out, args.data, args.variant)
+  samplers = [parse_sampler(s) for s in args.sampler] or [("default", {})]
+  mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
+  with open(os.path.join(base, "tokenizer", pipeline.RESULTS_FILE)) as f:
+    files.save_json(os.path.join(args.out, args.data, "tokenizer.json"), json.load(f))
+  for depth in args.depths:
+    target = compare.parameter_count(compare.make_task(
+        family_depth_config(config, "resgen", depth), depth, side, books))
+    for family in args.families:
+      for seed in args.seeds:
+        pending = [(n, s) for n, s in samplers if not os.path.exists(
+            os.path.join(out_dir, f"{family}_d{depth}_s{seed}__{n}.json"))]
+        if not pending:
+          continue
+        run_config, params = compare.matched_config(family_depth_config(config, family, depth),
+                                                    family, depth, target, side, books)
+        run_config.seed = seed
+        run_config.generator.train.num_steps = args.train_steps
+        run_config.evaluation.proxy_every = max(1, args.train_steps // PROXY_POINTS)
+        run_config.evaluation.proxy_samples = PROXY_SAMPLES
+        run_config.sampler.samples_per_class = args.samples // config.data.num_classes
+        run_config.sampler.batch_size = args.sampler_batch
+        run = run_dir_for(workdir, args.variant, family, depth, seed)
+        pipeline.run(run_config, run, stages=("generator",))
+        for name, settings in pending:
+          scfg = run_config.copy_and_resolve_references()
+          scfg.sampler.update(settings)
+          result = {"data": args.data, "variant": args.variant, "overrides": args.set,
+                    "family": family, "depth": depth, "seed": seed, "params": params,
+                    "num_layers": run_config.generator.model.num_layers,
+                    "train_steps": args.train_steps, "sampler_name": name,
+                    "sampler": scfg.sampler.to_dict(), "platform": jax.devices()[0].platform,
+                    "curve": learning_curve(run), "train": last_train_metrics(run)}
+          result.update(score(scfg, run, mesh))
+          files.save_json(os.path.join(out_dir, f"{family}_d{depth}_s{seed}__{name}.json"),
+                          result)
+          print(json.dumps({k: result[k] for k in (
+              "variant", "family", "depth", "seed", "sampler_name", "frechet_distance",
+              "frechet_bootstrap_std", "class_agreement", "seconds_per_image")}), flush=True)
+
+
+def family_depth_config(config, family: str, depth: int):
+  config = config.copy_and_resolve_references()
+  config.generator.family = family
+  config.generator.token_depth = depth
+  return config
+
+
+# ----------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------
+
+
+def load_results(folder: str) -> List[dict]:
+  rows = []
+  for root, _, names in os.walk(folder):
+    for name in sorted(names):
+      if name.endswith(".json") and "__" in name:
+        with open(os.path.join(root, name)) as f:
+          rows.append(json.load(f))
+  return rows
+
+
+def summarize(rows: Sequence[dict]) -> List[dict]:
+  """Mean and std over seeds of every (variant, sampler, family, depth)."""
+  groups: Dict[tuple, List[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["variant"], r["sampler_name"], r["family"], r["depth"]), []).append(r)
+  out = []
+  for (variant, sampler, family, depth), runs in sorted(groups.items()):
+    stat = lambda key: [float(r[key]) for r in runs]
+    entry = {"variant": variant, "sampler": sampler, "family": family, "depth": depth,
+             "seeds": len(runs), "params": runs[0]["params"],
+             "train_steps": runs[0]["train_steps"]}
+    for key in ("frechet_distance", "class_agreement", "precision", "recall",
+                "seconds_per_image", "frechet_bootstrap_std"):
+      values = stat(key)
+      entry[key] = statistics.mean(values)
+      entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else float("nan")
+    out.append(entry)
+  return out
+
+
+def markdown(summary: Sequence[dict]) -> str:
+  head = ["variant", "sampler", "family", "D", "params", "steps", "seeds",
+          "Frechet (mean +- std over seeds)", "bootstrap std", "class agreement",
+          "precision", "recall", "ms / image"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for s in summary:
+    lines.append("| " + " | ".join([
+        s["variant"], s["sampler"], s["family"], str(s["depth"]), f"{s['params'] / 1e6:.2f}M",
+        str(s["train_steps"]), str(s["seeds"]),
+        f"{s['frechet_distance']:.2f} +- {s['frechet_distance_std']:.2f}",
+        f"{s['frechet_bootstrap_std']:.2f}",
+        f"{s['class_agreement']:.3f} +- {s['class_agreement_std']:.3f}",
+        f"{s['precision']:.3f}", f"{s['recall']:.3f}",
+        f"{1e3 * s['seconds_per_image']:.2f}"]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def line_plot(series: Dict[str, tuple], xlabel: str, ylabel: str) -> Image.Image:
+  """Lines of ``label -> (xs, ys, colour)`` on shared axes (PIL; no plotting library)."""
+  width, height = PLOT_SIZE
+  m = PLOT_MARGIN
+  image = Image.new("RGB", PLOT_SIZE, "white")
+  draw = ImageDraw.Draw(image)
+  points = [(x, y) for xs, ys, _ in series.values() for x, y in zip(xs, ys)]
+  if not points:
+    return image
+  xs_all, ys_all = np.array(points).T
+  span = lambda v: (v.min(), v.max() if v.max() > v.min() else v.min() + 1.0)
+  (x0, x1), (y0, y1) = span(xs_all), span(ys_all)
+  to_px = lambda x, y: (m + (x - x0) / (x1 - x0) * (width - 2 * m - 120),
+                        height - m - (y - y0) / (y1 - y0) * (height - 2 * m))
+  draw.line([(m, m), (m, height - m), (width - m - 120, height - m)], fill="black")
+  for frac in (0.0, 0.5, 1.0):
+    px, _ = to_px(x0 + frac * (x1 - x0), y0)
+    _, py = to_px(x0, y0 + frac * (y1 - y0))
+    draw.text((px - 10, height - m + 8), f"{x0 + frac * (x1 - x0):.3g}", fill="black")
+    draw.text((8, py - 6), f"{y0 + frac * (y1 - y0):.3g}", fill="black")
+  draw.text((width // 2 - 60, height - 24), xlabel, fill="black")
+  draw.text((8, 16), ylabel, fill="black")
+  for i, (label, (xs, ys, colour)) in enumerate(series.items()):
+    pixels = [to_px(x, y) for x, y in zip(xs, ys)]
+    if len(pixels) > 1:
+      draw.line(pixels, fill=colour, width=2)
+    for px, py in pixels:
+      draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    draw.text((width - m - 110, m + 14 * i), label, fill=colour)
+  return image
+
+
+def report(args) -> None:
+  folder = os.path.join(args.out, args.data)
+  rows = load_results(folder)
+  if not rows:
+    raise SystemExit(f"no finished runs under {folder}")
+  summary = summarize(rows)
+  files.save_json(os.path.join(folder, "summary.json"), {"rows": summary})
+  with files.atomic_write(os.path.join(folder, "table.md")) as tmp, open(tmp, "w") as f:
+    f.write(markdown(summary))
+  print(markdown(summary))
+  # Figure 2: quality against time, one line per family over depths (base variant).
+  for variant in sorted({s["variant"] for s in summary}):
+    for sampler in sorted({s["sampler"] for s in summary if s["variant"] == variant}):
+      chosen = [s for s in summary if s["variant"] == variant and s["sampler"] == sampler]
+      series = {}
+      for family in COLOURS:
+        points = sorted((s["depth"], 1e3 * s["seconds_per_image"], s["frechet_distance"])
+                        for s in chosen if s["family"] == family)
+        if points:
+          series[f"{family} D{','.join(str(p[0]) for p in points)}"] = (
+              [p[1] for p in points], [p[2] for p in points], COLOURS[family])
+      line_plot(series, "ms per image (sampling)", "Frechet distance").save(
+          os.path.join(folder, f"quality_vs_time_{variant}_{sampler}.png"))
+  # Learning curves, per depth: mean fid_proxy over seeds against the step.
+  for depth in sorted({r["depth"] for r in rows}):
+    series = {}
+    for family in COLOURS:
+      runs = [r for r in rows if r["family"] == family and r["depth"] == depth
+              and r["variant"] == "base" and r["sampler_name"] == "default" and r["curve"]]
+      if runs:
+        steps = [p[0] for p in runs[0]["curve"]]
+        mean = np.mean([[p[1] for p in r["curve"]] for r in runs
+                        if len(r["curve"]) == len(steps)], axis=0)
+        series[family] = (steps, list(mean), COLOURS[family])
+    if series:
+      line_plot(series, "generator step", f"fid_proxy (D{depth})").save(
+          os.path.join(folder, f"curves_d{depth}.png"))
+  print(f"wrote {folder}/table.md, summary.json and plots")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("--data", default="digits")
+  parser.add_argument("--workdir", default="/tmp/resgen_study")
+  parser.add_argument("--families", default=",".join(compare.FAMILIES))
+  parser.add_argument("--depths", default="4,8,16")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--train_steps", type=int, default=1000)
+  parser.add_argument("--samples", type=int, default=2000)
+  parser.add_argument("--sampler_batch", type=int, default=500)
+  parser.add_argument("--variant", default="base")
+  parser.add_argument("--set", action="append", default=[],
+                      help="dotted.config.field=value (the variant's overrides)")
+  parser.add_argument("--sampler", action="append", default=[],
+                      help="name:field=value,... over config.sampler (default: the config's)")
+  parser.add_argument("--out", default=OUT)
+  args = parser.parse_args()
+  args.families = [f for f in args.families.split(",") if f]
+  args.depths = [int(d) for d in args.depths.split(",")]
+  args.seeds = [int(s) for s in args.seeds.split(",")]
+  unknown = [f for f in args.families if f not in compare.FAMILIES]
+  if unknown:
+    parser.error(f"unknown families {unknown}; known: {compare.FAMILIES}")
+  if any(not 1 <= d <= MAX_DEPTH for d in args.depths):
+    parser.error(f"--depths must lie in [1, {MAX_DEPTH}]")
+  if args.variant == "base" and args.set:
+    parser.error("--set changes the config: name the variant (--variant NAME)")
+  if args.samples < 2 * 10 or args.train_steps < 1:
+    parser.error("--samples must be >= 20 and --train_steps >= 1")
+  (run_study if args.command == "run" else report)(args)
+
+
+if __name__ == "__main__":
+  main()
