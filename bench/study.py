@@ -52,12 +52,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 OUT = os.path.join(REPO, "bench", "results", "study")
 MAX_DEPTH = 16  # the shared tokenizer's depth; runs take prefixes of its codes
-BASE_DIR = "base"
+BASE_DIR, RUNS_DIR = "base", "runs"  # WORKDIR/<data>/base, WORKDIR/<data>/runs/<variant>/
 # Shared with every run of a data set (symlinked): the tokenizer, its codes, the classifier.
 SHARED_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
 BOOTSTRAP_DRAWS = 50  # resamples of the sample set for the Frechet distance's noise
 PROXY_POINTS = 5  # train/fid_proxy evaluations over a run (the learning curve)
 PROXY_SAMPLES = 500
+REQUANT_DRAWS, REQUANT_BATCH = 3, 1000  # masks per held-out example; examples per call
 PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
 COLOURS = {"resgen": "blue", "direct": "green", "rq_transformer": "red"}
 
@@ -117,7 +118,7 @@ def prepare_base(config, workdir: str) -> str:
 
 
 def run_dir_for(workdir: str, variant: str, family: str, depth: int, seed: int) -> str:
-  run = os.path.join(workdir, variant, f"{family}_d{depth}_s{seed}")
+  run = os.path.join(workdir, RUNS_DIR, variant, f"{family}_d{depth}_s{seed}")
   os.makedirs(run, exist_ok=True)
   for name in SHARED_DIRS:
     link = os.path.join(run, name)
@@ -161,6 +162,29 @@ def last_train_metrics(run: str) -> dict:
       if row.get("stage") == "generator" and "train/loss" in row:
         last = row
   return {k: v for k, v in last.items() if k.startswith("train/")}
+
+
+def requantization_report(config, run: str, mesh, draws: int = REQUANT_DRAWS) -> dict:
+  """ResGen only: how often re-quantizing the most probable component's mean recovers the
+  held-out tokens (``GeneratorTask.requantization_matches``), under ``draws`` training
+  masks per example: at the first hidden depth by hidden count k = 1..D, and over all
+  hidden slots by depth."""
+  task, state = pipeline.load_generator(config, run, mesh)
+  codes, labels = token_cache.load_tokens(run, config.data.eval_split)
+  codes = codes[..., :task.depth]
+  fn = jax.jit(task.requantization_matches)
+  totals = {}
+  for draw in range(draws):
+    for first in range(0, len(codes), REQUANT_BATCH):
+      batch = {"codes": codes[first:first + REQUANT_BATCH],
+               "label": labels[first:first + REQUANT_BATCH]}
+      out = fn(state.eval_params(), state.model_state, task.constants(), batch,
+               jax.random.fold_in(jax.random.key(draw), first))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0) + np.asarray(v, np.int64)
+  rate = lambda hit, count: [float(h / c) if c else None for h, c in zip(hit, count)]
+  return {"first_hidden_match_by_k": rate(totals["first_hit"], totals["first_count"]),
+          "hidden_match_by_depth": rate(totals["depth_hit"], totals["depth_count"])}
 
 
 def score(config, run: str, mesh) -> dict:
@@ -212,6 +236,8 @@ def run_study(args) -> None:
         run_config.sampler.batch_size = args.sampler_batch
         run = run_dir_for(workdir, args.variant, family, depth, seed)
         pipeline.run(run_config, run, stages=("generator",))
+        diagnostics = (requantization_report(run_config, run, mesh) if family == "resgen"
+                       else {})
         for name, settings in pending:
           scfg = run_config.copy_and_resolve_references()
           scfg.sampler.update(settings)
@@ -220,7 +246,8 @@ def run_study(args) -> None:
                     "num_layers": run_config.generator.model.num_layers,
                     "train_steps": args.train_steps, "sampler_name": name,
                     "sampler": scfg.sampler.to_dict(), "platform": jax.devices()[0].platform,
-                    "curve": learning_curve(run), "train": last_train_metrics(run)}
+                    "curve": learning_curve(run), "train": last_train_metrics(run),
+                    **diagnostics}
           result.update(score(scfg, run, mesh))
           files.save_json(os.path.join(out_dir, f"{family}_d{depth}_s{seed}__{name}.json"),
                           result)

@@ -177,6 +177,12 @@ def sampler_config() -> ml_collections.ConfigDict:
       # ResGen: a candidate token's confidence, codebook (softmax over raw squared distances)
       # or mixture (the same over 2 sigma_k^2, the model's own scale): generator/sampler.py
       confidence="codebook",
+      # each (every token its own confidence, cumulative minimum along depth) or first
+      # (a position's first hidden token's for all of them: positions revealed whole)
+      confidence_depths="each",
+      # ResGen: noise on the chosen mean in units of the model's sigma (1: a draw from the
+      # component's Gaussian, not its mean), on top of mean_noise
+      sigma_noise=0.0,
       guide_means=True,  # ResGen with CFG: guide the means too (False: the logits only)
       samples_per_class=16,  # --mode=sample draws this many images of every class
       batch_size=256,  # samples per jitted sampler call

@@ -1,6 +1,7 @@
 """The generator: masking invariants, targets and losses against numpy, the network's
 padding mask, target normalisation, and one real training step."""
 
+import itertools
 import math
 import os
 
@@ -179,6 +180,46 @@ def test_a_learned_sigma_per_hidden_count():
                                          jax.random.key(2), True)[0])(params)
   assert float(grads["log_sigma"][0]) == 0.0  # k = 0 is never scored
   assert np.all(np.asarray(grads["log_sigma"][1:]) != 0.0)
+
+
+class TailOracle:
+  """Stands in for the network: the exact hidden sum of known codes (times ``sign``) as the
+  only component's mean, in normalised units."""
+
+  def __init__(self, codes, books, rms, sign=1.0):
+    self.full = rvq.dequantize(codes, books)
+    self.rms, self.sign = rms, sign
+
+  def apply(self, variables, visible, hidden, labels, valid, text=None):
+    means = self.sign * (self.full - visible) / self.rms[hidden][..., None]
+    return jnp.zeros(hidden.shape + (1,)), means[..., None, :]
+
+
+def test_requantization_matches_count_the_recovered_tokens():
+  depth = 3
+  corners = np.array(list(itertools.product([-1.0, 1.0], repeat=3)), np.float32)
+  books = np.stack([corners * 0.25 ** j for j in range(depth)])  # exact re-quantization
+  cfg = tiny_config().generator
+  task = GeneratorTask(cfg, books, 6, depth, 4)
+  rng = np.random.default_rng(8)
+  batch = {"codes": jnp.asarray(rng.integers(0, 8, (8, 6, depth)), jnp.int32),
+           "label": jnp.zeros((8,), jnp.int32)}
+  state = {"target_rms": jnp.asarray([1.0, 0.3, 0.5, 0.9])}
+  key = jax.random.key(3)
+  hidden = task.masked_batch(task.constants(), batch, key, False)["hidden"]
+  task.model = TailOracle(batch["codes"], books, state["target_rms"])
+  got = task.requantization_matches({"model": {}}, state, task.constants(), batch, key)
+  counts = [int(np.sum(np.asarray(hidden) == k)) for k in range(1, depth + 1)]
+  np.testing.assert_array_equal(got["first_count"], counts)
+  np.testing.assert_array_equal(got["first_hit"], counts)
+  per_depth = [int(np.sum(np.asarray(hidden) >= depth - j)) for j in range(depth)]
+  np.testing.assert_array_equal(got["depth_count"], per_depth)
+  np.testing.assert_array_equal(got["depth_hit"], per_depth)
+  # The opposite of every hidden sum lands on the opposite corner: no token recovered.
+  task.model = TailOracle(batch["codes"], books, state["target_rms"], sign=-1.0)
+  got = task.requantization_matches({"model": {}}, state, task.constants(), batch, key)
+  np.testing.assert_array_equal(got["first_count"], counts)
+  np.testing.assert_array_equal(got["first_hit"], 0)
 
 
 def test_padding_never_changes_real_positions():

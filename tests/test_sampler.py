@@ -20,7 +20,7 @@ def sampler_cfg(**kw):
   cfg = ml_collections.ConfigDict(dict(
       steps=6, schedule="cosine", cfg_scale=1.0, cfg_ramp="constant", temperature=1.0,
       top_p=1.0, top_k=0, confidence_temperature=1.0, mean_noise=0.0,
-      confidence="codebook", guide_means=True))
+      confidence="codebook", guide_means=True, confidence_depths="each", sigma_noise=0.0))
   cfg.update(kw)
   return cfg
 
@@ -214,8 +214,35 @@ def test_mixture_confidence_scores_candidates_under_the_models_sigma():
     log_p = -dist[c] / s2 - np.log(np.exp(-dist / s2).sum())
     np.testing.assert_allclose(scaled[1][b, i, j], log_p, rtol=1e-3, atol=1e-3)
     r = r - np.asarray(books[j, c])
-  with pytest.raises(ValueError, match="needs the model's sigma"):
+  with pytest.raises(ValueError, match="need the model's sigma"):
     sampler.mixture_proposal(network, books, sampler_cfg(confidence="mixture"))
+
+
+@pytest.mark.parametrize("depth", [4, 8])
+def test_first_depth_confidence_reveals_positions_whole(depth):
+  """confidence_depths="first": a step reveals whole positions but for at most one, where
+  its count ends (so after step t at most t positions are partly revealed; with "each" the
+  random network leaves far more); the schedule is the same."""
+  cfg = sampler_cfg(steps=5, confidence_depths="first")
+  step = np.asarray(run(Recorder(depth), depth, cfg).reveal_step)
+  each = np.asarray(run(Recorder(depth), depth, sampler_cfg(steps=5)).reveal_step)
+  partial = lambda s, t: (((s <= t).sum(-1) > 0) & ((s <= t).sum(-1) < depth)).sum(-1)
+  for t in range(1, cfg.steps + 1):
+    assert (partial(step, t) <= t).all(), (t, step)
+  assert partial(each, 2).sum() > partial(step, 2).sum()
+  hidden = [(step > t).sum(axis=(1, 2)) for t in range(1, cfg.steps + 1)]
+  expected = expected_hidden(cfg.steps, L * depth, masking.schedule("cosine"))
+  np.testing.assert_array_equal(np.stack(hidden, -1), [expected] * B)
+
+
+def test_noise_on_the_chosen_mean_has_the_given_std_per_position():
+  rng = jax.random.key(0)
+  means = jnp.zeros((1, 2, 1, 4000))
+  std = jnp.asarray([[0.1, 2.0]])
+  chosen = np.asarray(sampler.choose_means(rng, jnp.zeros((1, 2, 1)), means, 1.0, 1.0, std))
+  np.testing.assert_allclose(chosen.std(-1), [[0.1, 2.0]], rtol=0.05)
+  np.testing.assert_array_equal(sampler.choose_means(rng, jnp.zeros((1, 2, 1)), means, 1.0,
+                                                     1.0, 0.0), 0.0)
 
 
 def test_ties_are_broken_deterministically_by_position_then_depth():
@@ -255,6 +282,10 @@ def test_bad_sampler_config_values():
     run(Recorder(4), 4, sampler_cfg(cfg_scale=-1.0))
   with pytest.raises(ValueError, match="sampler.confidence must be one of"):
     run(Recorder(4), 4, sampler_cfg(confidence="entropy"))
+  with pytest.raises(ValueError, match="sampler.confidence_depths must be one of"):
+    run(Recorder(4), 4, sampler_cfg(confidence_depths="sum"))
+  with pytest.raises(ValueError, match="sigma_noise must be >= 0"):
+    run(Recorder(4), 4, sampler_cfg(sigma_noise=-1.0))
 
 
 def test_schedule_table_is_exact_at_and_near_integers():

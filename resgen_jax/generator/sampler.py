@@ -51,6 +51,11 @@ CFG_RAMPS = ("constant", "linear")
 # 2 sigma_k^2 with sigma_k the trained mixture sigma of the position's hidden count k in
 # embedding units, so fine depths (tiny residuals) are scored on their own scale.
 CONFIDENCES = ("codebook", "mixture")
+# Which confidence ranks a position's hidden tokens: "each" token its own (then a cumulative
+# minimum along depth), or "first": every hidden token of a position gets the confidence of
+# its first hidden token, so positions are revealed whole (all their depths from one
+# proposal, a schedule over positions in effect) except where a step's count ends mid-way.
+CONFIDENCE_DEPTHS = ("each", "first")
 
 
 @flax.struct.dataclass
@@ -129,6 +134,12 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
   if cfg.confidence not in CONFIDENCES:
     raise ValueError(f"sampler.confidence must be one of {CONFIDENCES}, got "
                      f"{cfg.confidence!r}")
+  if cfg.confidence_depths not in CONFIDENCE_DEPTHS:
+    raise ValueError(f"sampler.confidence_depths must be one of {CONFIDENCE_DEPTHS}, got "
+                     f"{cfg.confidence_depths!r}")
+  if cfg.mean_noise < 0 or cfg.sigma_noise < 0:
+    raise ValueError(f"sampler.mean_noise and sampler.sigma_noise must be >= 0, got "
+                     f"{cfg.mean_noise} and {cfg.sigma_noise}")
   guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
 
 
@@ -150,8 +161,9 @@ def guided(network_fn: Callable, cfg: ml_collections.ConfigDict, t: Array, *inpu
 
 
 def choose_means(rng: Array, logits: Array, means: Array, temperature: float, top_p: float,
-                 noise_std: float) -> Array:
-  """Draws one component per position and returns its mean (plus optional Gaussian noise).
+                 noise_std) -> Array:
+  """Draws one component per position and returns its mean (plus optional Gaussian noise of
+  std ``noise_std``, a float or one value per position ``[B, L]``).
 
   logits ``[B, L, K]``, means ``[B, L, K, d]`` -> ``[B, L, d]``. ``temperature == 0``
   takes the most probable component.
@@ -162,7 +174,8 @@ def choose_means(rng: Array, logits: Array, means: Array, temperature: float, to
   else:
     component = jnp.argmax(logits, axis=-1)
   chosen = jnp.take_along_axis(means, component[..., None, None], axis=-2)[..., 0, :]
-  if noise_std > 0:
+  if not (isinstance(noise_std, (int, float)) and noise_std == 0):
+    noise_std = jnp.asarray(noise_std, jnp.float32)[..., None]
     chosen = chosen + noise_std * jax.random.normal(noise_key, chosen.shape)
   return chosen
 
@@ -248,14 +261,19 @@ def mixture_proposal(network_fn: Callable, codebooks: Array, cfg: ml_collections
   drawn mixture mean with those depths' codebooks. With CFG the means are guided too unless
   ``cfg.guide_means`` is False (then only the component logits are). ``sigma_fn(hidden
   [B,L]) -> [B,L]``, the mixture sigma in embedding units, is what the ``mixture``
-  confidence needs (see CONFIDENCES)."""
-  if cfg.confidence == "mixture" and sigma_fn is None:
-    raise ValueError("sampler.confidence='mixture' needs the model's sigma (sigma_fn)")
+  confidence and ``sigma_noise`` (noise in units of that sigma; 1 draws from the chosen
+  component's Gaussian instead of taking its mean) need."""
+  if (cfg.confidence == "mixture" or cfg.sigma_noise > 0) and sigma_fn is None:
+    raise ValueError("sampler.confidence='mixture' and sampler.sigma_noise > 0 need the "
+                     "model's sigma (sigma_fn)")
 
   def propose(codes, hidden, t, rng):
     logits, means = guided(network_fn, cfg, t, codes, hidden,
                            conditional_only=() if cfg.guide_means else (1,))
-    mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, cfg.mean_noise)
+    noise = cfg.mean_noise
+    if cfg.sigma_noise > 0:
+      noise = noise + cfg.sigma_noise * sigma_fn(hidden)
+    mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, noise)
     depth = codes.shape[-1]
     temperature = 1.0 if cfg.confidence == "codebook" else 2.0 * jnp.square(sigma_fn(hidden))
     candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - hidden,
@@ -306,8 +324,8 @@ def unmask(propose: Callable, codes: Array, known: Array, rng: Array,
     rng: PRNG key.
     cfg: sampler config: ``steps``, ``schedule``, ``cfg_scale``, ``cfg_ramp``,
       ``temperature``, ``top_k``, ``top_p``, ``confidence_temperature``, ``mean_noise``
-      (std of the noise added to the chosen mean), and for ResGen ``confidence`` and
-      ``guide_means``.
+      (std of the noise added to the chosen mean), ``confidence_depths``, and for ResGen
+      ``confidence``, ``sigma_noise`` and ``guide_means``.
 
   Returns:
     :class:`SampleOutput`.
@@ -326,6 +344,9 @@ def unmask(propose: Callable, codes: Array, known: Array, rng: Array,
     hidden_slots = masking.hidden_mask(state.hidden, depth)
     tau = cfg.confidence_temperature * (1.0 - t / cfg.steps)
     noisy = log_probs + tau * jax.random.gumbel(gumbel_key, hidden_slots.shape)
+    if cfg.confidence_depths == "first":  # the first hidden token's, for the whole position
+      first = jnp.minimum(depth - state.hidden, depth - 1)[..., None]
+      noisy = jnp.broadcast_to(jnp.take_along_axis(noisy, first, axis=-1), noisy.shape)
     scores = jax.lax.cummin(jnp.where(hidden_slots, noisy, jnp.inf), axis=2)
     visible = reveal(scores, table[t - 1, initial_total])
     revealed = visible & hidden_slots

@@ -246,6 +246,29 @@ class GeneratorTask(TokenTask):
         params, model_state, constants, batch, rng, True)
     return loss, grads, model_state, metrics
 
+  def requantization_matches(self, params, model_state, constants, batch, rng) -> dict:
+    """How often re-quantizing the predicted hidden sum gives back the data's tokens, under
+    training masks drawn from ``rng``: the most probable component's mean (embedding units)
+    is quantized from each position's first hidden depth. -> counts (sum over the batch)
+    ``first_hit [D]`` / ``first_count [D]`` at the first hidden depth by hidden count k =
+    1..D, and ``depth_hit [D]`` / ``depth_count [D]`` over every hidden slot by depth."""
+    m = self.masked_batch(constants, batch, rng, train=False)
+    hidden, codes, valid = m["hidden"], m["codes"], m["valid"]
+    logits, means = self.model.apply({"params": params["model"]}, m["visible"], hidden,
+                                     m["labels"], valid, text=m["text"])
+    best = jnp.take_along_axis(means, jnp.argmax(logits, -1)[..., None, None], axis=-2)
+    best = best[..., 0, :] * model_state["target_rms"][hidden][..., None]
+    proposed = rvq.quantize(best, constants["codebooks"], depth=self.depth,
+                            start_depth=self.depth - hidden).codes
+    hit = (proposed == codes) & masking.hidden_mask(hidden, self.depth) & valid[..., None]
+    first = jnp.arange(self.depth) == (self.depth - hidden)[..., None]  # [B, L, D]
+    by_k = (hidden[..., None] == jnp.arange(1, self.depth + 1)) & valid[..., None]
+    first_hit = jnp.sum(hit & first, axis=-1)  # [B, L]: 0/1
+    slots = masking.hidden_mask(hidden, self.depth) & valid[..., None]
+    return {"first_hit": jnp.sum(by_k * first_hit[..., None], axis=(0, 1)),
+            "first_count": jnp.sum(by_k, axis=(0, 1)),
+            "depth_hit": jnp.sum(hit, axis=(0, 1)), "depth_count": jnp.sum(slots, axis=(0, 1))}
+
   def eval_step(self, params, model_state, constants, batch):
     valid = batch["valid"].astype(jnp.float32)
     per_example = jax.vmap(
@@ -300,9 +323,9 @@ class GeneratorTask(TokenTask):
                           known, rng, scfg)
 
   def proposal(self, network, codebooks, scfg, params=None, model_state=None):
-    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture, whose
-    ``sampler.confidence="mixture"`` needs the trained sigma (``params``, ``model_state``)."""
+    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture, with the
+    trained sigma (``params``, ``model_state``) for the settings that need it."""
     scale = None
-    if scfg.confidence == "mixture":
+    if params is not None:
       scale = lambda hidden: self.embedding_sigma(params, model_state, hidden)
     return sampler.mixture_proposal(network, codebooks, scfg, sigma_fn=scale)
