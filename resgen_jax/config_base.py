@@ -248,11 +248,13 @@ def base_config() -> ml_collections.ConfigDict:
       generator=generator_config(),
       sampler=sampler_config(),
       evaluation=dict(
-          # features: "classifier" (trained on the data set's own labels; no download) or
-          # "inception" (the FID Inception: FID, Inception Score, precision/recall)
+          # features: "classifier" (trained on the data set's own labels; no download),
+          # "inception" (the FID Inception: FID, Inception Score, precision/recall) or
+          # "resnet" (a pretrained CIFAR ResNet from resnet_weights: an independent scorer)
           extractor="classifier",
           classifier_steps=800,  # training steps of that classifier (once per workdir)
           inception_weights="",  # .npz of the FID Inception (evaluation/inception.py)
+          resnet_weights="",  # .npz state dict of a CIFAR ResNet (evaluation/resnet.py)
           reference_stats="",  # .npz with mu, sigma[, activations]; "" = data.eval_split
           batch_size=200,  # images per extractor call
           # Frechet distance of proxy_samples samples (config.sampler) to the held-out split

@@ -38,7 +38,7 @@ from resgen_jax.baselines.direct import DirectTokenTask
 from resgen_jax.baselines.rq_transformer import RQTransformerTask
 from resgen_jax.codec import rvq, token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
-from resgen_jax.evaluation import classifier, fid, inception
+from resgen_jax.evaluation import classifier, fid, inception, resnet
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
 from resgen_jax.generator.task import GeneratorTask, TokenTask
@@ -492,6 +492,7 @@ def process_zero_npz(path: str, **specs):
 EXTRACTOR_SETTINGS = {  # the evaluation fields each feature extractor's numbers depend on
     "classifier": ("extractor", "classifier_steps"),
     "inception": ("extractor", "inception_weights", "reference_stats"),
+    "resnet": ("extractor", "resnet_weights"),
 }
 
 
@@ -556,6 +557,11 @@ def feature_extractor(config, workdir: str) -> features_lib.Extractor:
       raise ValueError("evaluation.extractor='inception' needs evaluation.inception_weights: "
                        f"{inception.EXPECTED}")
     return fid.InceptionFeatures(ecfg.inception_weights)
+  if ecfg.extractor == "resnet":
+    if not ecfg.resnet_weights:
+      raise ValueError("evaluation.extractor='resnet' needs evaluation.resnet_weights, the "
+                       "path of a CIFAR ResNet state dict (.npz; evaluation/resnet.py)")
+    return resnet.ResNetFeatures(ecfg.resnet_weights, ecfg.batch_size)
   return features_lib.ClassifierFeatures(classifier_params(config, workdir),
                                          config.data.num_classes, config.evaluation.batch_size)
 
@@ -569,12 +575,19 @@ def heldout_features(config, extractor: features_lib.Extractor):
 
 
 def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
+  """Class agreement, Frechet distance and precision/recall in the features of a classifier:
+  the project's (``classifier``) or a pretrained one (``resnet``)."""
   classes = config.data.num_classes
-  params = classifier_params(config, workdir)
   real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
   train_images, _ = data_lib.load_all(config.data, config.data.train_split)
-  evaluator = classifier.ClassifierEvaluator(params, classes, real_images, real_labels,
-                                             baseline_images=train_images)
+  if config.evaluation.extractor == "resnet":
+    evaluator = classifier.ClassifierEvaluator(
+        None, classes, real_images, real_labels, baseline_images=train_images,
+        extractor=feature_extractor(config, workdir))
+  else:
+    evaluator = classifier.ClassifierEvaluator(classifier_params(config, workdir), classes,
+                                               real_images, real_labels,
+                                               baseline_images=train_images)
   with np.load(samples, allow_pickle=False) as data:
     labels = data["labels"]
   generated = evaluator.evaluate_batches(

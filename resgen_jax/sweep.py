@@ -28,7 +28,7 @@ from resgen_jax.utils import files
 
 SWEEPS_DIR = "sweeps"
 # The quality number plotted, per extractor: lower is better for both.
-PLOTTED = {"classifier": "frechet_distance", "inception": "fid"}
+PLOTTED = {"classifier": "frechet_distance", "inception": "fid", "resnet": "frechet_distance"}
 PLOT_SIZE, PLOT_MARGIN = (640, 480), 60
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")

@@ -291,19 +291,23 @@ class ClassifierEvaluator:
       for :meth:`reference`'s real-vs-real Frechet distance; without them it compares the
       even- and odd-indexed halves of the reference set.
     batch_size: images per classifier call.
+    extractor: instead of ``params`` (None then), any classifier as a feature extractor
+      ``images -> (features [n, F], logits [n, K])``, e.g. a pretrained CIFAR ResNet.
   """
 
   def __init__(self, params, num_classes: int, reference_images: np.ndarray,
                reference_labels: np.ndarray, baseline_images: Optional[np.ndarray] = None,
-               batch_size: int = PREDICT_BATCH_SIZE):
-    self.params = params
+               batch_size: int = PREDICT_BATCH_SIZE, extractor=None):
     self.num_classes = num_classes
-    self.batch_size = batch_size
     reference_images = check_images(reference_images, "reference_images")
-    channels = params["conv0"]["kernel"].shape[2]
-    if reference_images.shape[-1] != channels:
-      raise ValueError(f"reference_images have {reference_images.shape[-1]} channels, the "
-                       f"classifier was trained on {channels}")
+    if extractor is None:
+      self._classify = lambda images: predict(params, num_classes, images, batch_size)
+      channels = params["conv0"]["kernel"].shape[2]
+      if reference_images.shape[-1] != channels:
+        raise ValueError(f"reference_images have {reference_images.shape[-1]} channels, the "
+                         f"classifier was trained on {channels}")
+    else:
+      self._classify = lambda images: extractor(images)[::-1]
     self.image_shape = reference_images.shape[1:]
     logits, self.reference_features = self._predict(reference_images, "reference_images")
     self.reference_accuracy = _agreement(logits, _check_labels(
@@ -323,7 +327,7 @@ class ClassifierEvaluator:
     if images.shape[1:] != self.image_shape:
       raise ValueError(f"{name} have shape {images.shape[1:]} per image, the reference "
                        f"images {self.image_shape}")
-    return predict(self.params, self.num_classes, images, self.batch_size)
+    return self._classify(images)
 
   def evaluate(self, images: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     """Generated uint8 ``[N, H, W, C]`` for requested classes ``[N]`` -> their scores (see
