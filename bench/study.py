@@ -278,11 +278,38 @@ def load_results(folder: str) -> List[dict]:
   return rows
 
 
+# Sampler fields a label names when they differ from these values, and what runs made
+# before a field existed did (confidence_depths: "each" until it became a setting).
+LABELLED_SAMPLER = {"confidence": "codebook", "confidence_temperature": 1.0,
+                    "sigma_noise": 0.0, "mean_noise": 0.0, "cfg_scale": 1.0,
+                    "guide_means": True, "temperature": 1.0, "top_p": 1.0}
+UNSET_SAMPLER = {"confidence_depths": "each", "confidence": "codebook", "sigma_noise": 0.0,
+                 "guide_means": True}
+
+
+def sampler_label(sampler: dict, family: str) -> str:
+  """What a run's sampler did, from its recorded settings (not its name, whose meaning
+  changes with the config's defaults): ``T<steps> <confidence_depths>`` and the fields of
+  LABELLED_SAMPLER that differ; the RQ-Transformer draws token by token: ``AR``."""
+  get = lambda k: sampler.get(k, UNSET_SAMPLER.get(k))
+  if family == "rq_transformer":
+    head = "AR"
+  else:
+    head = f"T{get('steps')} {get('confidence_depths')}"
+  extras = [f"{k}={get(k)}" for k, v in LABELLED_SAMPLER.items()
+            if get(k) is not None and get(k) != v
+            and not (family != "resgen" and k in ("confidence", "sigma_noise", "guide_means"))]
+  return " ".join([head] + extras)
+
+
 def summarize(rows: Sequence[dict]) -> List[dict]:
-  """Mean and std over seeds of every (variant, sampler, family, depth)."""
-  groups: Dict[tuple, List[dict]] = {}
+  """Mean and std over seeds of every (variant, sampler, family, depth); the sampler is
+  named by :func:`sampler_label` (sets drawn twice with the same settings count once)."""
+  groups: Dict[tuple, Dict[int, dict]] = {}
   for r in rows:
-    groups.setdefault((r["variant"], r["sampler_name"], r["family"], r["depth"]), []).append(r)
+    key = (r["variant"], sampler_label(r["sampler"], r["family"]), r["family"], r["depth"])
+    groups.setdefault(key, {})[r["seed"]] = r
+  groups = {k: list(v.values()) for k, v in groups.items()}
   out = []
   for (variant, sampler, family, depth), runs in sorted(groups.items()):
     stat = lambda key: [float(r[key]) for r in runs]
@@ -374,8 +401,9 @@ def report(args) -> None:
   for depth in sorted({r["depth"] for r in rows}):
     series = {}
     for family in COLOURS:
-      runs = [r for r in rows if r["family"] == family and r["depth"] == depth
-              and r["variant"] == "base" and r["sampler_name"] == "default" and r["curve"]]
+      runs = list({r["seed"]: r for r in rows if r["family"] == family
+                   and r["depth"] == depth and r["variant"] == "base"
+                   and r["curve"]}.values())  # the curve is the run's, whatever the sampler
       if runs:
         steps = [p[0] for p in runs[0]["curve"]]
         mean = np.mean([[p[1] for p in r["curve"]] for r in runs

@@ -1,0 +1,63 @@
+"""bench/study.py's bookkeeping: sampler labels from recorded settings, seed statistics,
+the bootstrap, and the command-line overrides."""
+
+import numpy as np
+import pytest
+
+from bench import study
+from resgen_jax import config_base
+from resgen_jax.evaluation import features as features_lib
+
+
+def row(seed, fd, family="resgen", **sampler):
+  sampler = dict(dict(steps=8, confidence_depths="first"), **sampler)
+  return {"variant": "base", "sampler_name": "x", "family": family, "depth": 4,
+          "seed": seed, "params": 10, "train_steps": 5, "sampler": sampler,
+          "frechet_distance": fd, "class_agreement": 0.5, "precision": 0.1, "recall": 0.2,
+          "seconds_per_image": 1e-3, "frechet_bootstrap_std": 0.3}
+
+
+def test_sampler_labels_come_from_the_settings_not_the_name():
+  assert study.sampler_label({"steps": 8}, "resgen") == "T8 each"  # made before the field
+  assert study.sampler_label({"steps": 16, "confidence_depths": "first", "cfg_scale": 2.0,
+                              "confidence": "mixture"}, "resgen") == \
+      "T16 first confidence=mixture cfg_scale=2.0"
+  assert study.sampler_label({"steps": 16, "confidence": "mixture"}, "direct") == "T16 each"
+  assert study.sampler_label({"steps": 16}, "rq_transformer") == "AR"
+
+
+def test_summary_means_and_stds_over_seeds_count_a_seed_once():
+  rows = [row(0, 10.0), row(1, 14.0), row(1, 14.0, cfg_scale=2.0), row(0, 3.0, steps=16)]
+  rows.append(dict(row(1, 14.0), sampler_name="another name, same settings"))
+  summary = {s["sampler"]: s for s in study.summarize(rows)}
+  assert summary["T8 first"]["seeds"] == 2
+  assert summary["T8 first"]["frechet_distance"] == pytest.approx(12.0)
+  assert summary["T8 first"]["frechet_distance_std"] == pytest.approx(np.std([10, 14], ddof=1))
+  assert summary["T16 first"]["seeds"] == 1 and np.isnan(
+      summary["T16 first"]["frechet_distance_std"])
+  assert "T8 first cfg_scale=2.0" in summary
+
+
+def test_bootstrap_of_the_frechet_distance():
+  rng = np.random.default_rng(0)
+  reference = features_lib.Reference.from_features(rng.normal(size=(400, 3)))
+  same = study.bootstrap_frechet(reference, rng.normal(size=(400, 3)), 30, 0)
+  shifted = study.bootstrap_frechet(reference, rng.normal(size=(400, 3)) + 2.0, 30, 0)
+  assert same["frechet_bootstrap_std"] > 0
+  low, high = shifted["frechet_bootstrap_95"]
+  assert low <= 12.0 <= high + 1.0  # |shift|^2 = 3 * 4
+  assert shifted["frechet_bootstrap_mean"] > 10 * same["frechet_bootstrap_mean"]
+
+
+def test_overrides_and_sampler_specs():
+  config = config_base.base_config()
+  study.set_field(config, "generator.loss.learn_sigma=true")
+  study.set_field(config, "mesh.shape=[2]")
+  assert config.generator.loss.learn_sigma is True and config.mesh.shape == (2,)
+  with pytest.raises(ValueError, match="no field 'generator.loss.nope'"):
+    study.set_field(config, "generator.loss.nope=1")
+  with pytest.raises(ValueError, match="field=value"):
+    study.set_field(config, "generator.loss.sigma")
+  assert study.parse_sampler("first_T16:confidence_depths=first,steps=16") == (
+      "first_T16", {"confidence_depths": "first", "steps": 16})
+  assert study.parse_sampler("default") == ("default", {})
