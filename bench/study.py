@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import statistics
+import tarfile
 from typing import Dict, List, Sequence
 
 import jax
@@ -58,22 +59,54 @@ SHARED_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
 BOOTSTRAP_DRAWS = 50  # resamples of the sample set for the Frechet distance's noise
 PROXY_POINTS = 5  # train/fid_proxy evaluations over a run (the learning curve)
 PROXY_SAMPLES = 500
+CIFAR_TOKENIZER_STEPS = 3000
 REQUANT_DRAWS, REQUANT_BATCH = 3, 1000  # masks per held-out example; examples per call
 PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
 COLOURS = {"resgen": "blue", "direct": "green", "rq_transformer": "red"}
 
 
-def data_config(data: str):
-  """configs/digits.py adapted to ``data`` (digits, mnist), tokenizer at MAX_DEPTH."""
+def extract_cifar(workdir: str) -> str:
+  """The CIFAR-10 JPEG class folders, unpacked once under ``workdir``. -> their root."""
+  root = os.path.join(workdir, "cifar10_jpeg")
+  done = os.path.join(root, ".complete")
+  if not os.path.exists(done):
+    with tarfile.open(os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")) as tar:
+      tar.extractall(root, filter="data")
+    open(done, "w").close()
+  return root
+
+
+def data_config(data: str, workdir: str):
+  """configs/digits.py adapted to ``data``, tokenizer at MAX_DEPTH with quantizer dropout:
+
+  * ``digits``: as it is (16x16 -> 4x4 grid, 64 codes);
+  * ``mnist``: 28x28 -> 7x7 grid through the ``npz`` source;
+  * ``cifar10``: the JPEG class folders through the ``folder`` source, 32x32 -> 8x8 (the
+    paper's grid), a wider tokenizer with 256 codes per depth so that reconstruction keeps
+    improving with depth, scored by the pretrained ResNet-20 (``evaluation.extractor=
+    resnet``), not by a classifier trained here.
+  """
   config = config_base.load_config_file(os.path.join(REPO, "configs", "digits.py"))
   config.tokenizer.quantizer.depth = MAX_DEPTH
-  if data == "mnist":  # 28x28 -> 7x7 grid through the npz source
+  if data == "mnist":
     folder = os.path.join(SHARED_DATA, "mnist")
     config.data.update(name="npz", path=os.path.join(folder, "train.npz"),
                        eval_path=os.path.join(folder, "test.npz"), image_size=28)
-    config.evaluation.classifier_steps = 3000  # 0.98+ on the MNIST test split
+    config.evaluation.classifier_steps = 3000
+  elif data == "cifar10":
+    root = extract_cifar(os.path.join(workdir, data))
+    config.data.update(name="folder", path=os.path.join(root, "train"),
+                       eval_path=os.path.join(root, "test"), image_size=32)
+    tok = config.tokenizer
+    tok.model.update(channels=32, latent_dim=16)
+    tok.quantizer.codebook_size = 256
+    tok.train.update(num_steps=CIFAR_TOKENIZER_STEPS, eval_examples=1000, eval_every=1000,
+                     checkpoint_every=1000)
+    config.evaluation.update(
+        extractor="resnet", batch_size=500,
+        resnet_weights=os.path.join(SHARED_DATA, "cifar10_resnet", "resnet20_state_dict.npz"))
   elif data != "digits":
-    raise ValueError(f"--data must be digits or mnist, got {data!r}")
+    raise ValueError(f"--data must be digits, mnist or cifar10, got {data!r}")
   return config
 
 
@@ -113,7 +146,8 @@ def prepare_base(config, workdir: str) -> str:
   classifier once. -> the base workdir."""
   base = os.path.join(workdir, BASE_DIR)
   pipeline.run(config, base, stages=("tokenizer", "encode"))
-  pipeline.classifier_params(config, base)
+  if config.evaluation.extractor == "classifier":
+    pipeline.classifier_params(config, base)
   return base
 
 
@@ -205,7 +239,7 @@ def score(config, run: str, mesh) -> dict:
 
 
 def run_study(args) -> None:
-  config = data_config(args.data)
+  config = data_config(args.data, args.workdir)
   workdir = os.path.join(args.workdir, args.data)
   base = prepare_base(config, workdir)  # the same for every variant
   for assignment in args.set:
@@ -246,7 +280,9 @@ def run_study(args) -> None:
                     "num_layers": run_config.generator.model.num_layers,
                     "train_steps": args.train_steps, "sampler_name": name,
                     "sampler": scfg.sampler.to_dict(), "platform": jax.devices()[0].platform,
-                    "curve": learning_curve(run), "train": last_train_metrics(run),
+                    "curve": learning_curve(run),
+                    "curve_sampler": sampler_label(run_config.sampler.to_dict(), family),
+                    "train": last_train_metrics(run),
                     **diagnostics}
           result.update(score(scfg, run, mesh))
           files.save_json(os.path.join(out_dir, f"{family}_d{depth}_s{seed}__{name}.json"),
@@ -374,6 +410,10 @@ def line_plot(series: Dict[str, tuple], xlabel: str, ylabel: str) -> Image.Image
   return image
 
 
+def file_name(label: str) -> str:
+  return label.replace(" ", "_").replace("=", "")
+
+
 def report(args) -> None:
   folder = os.path.join(args.out, args.data)
   rows = load_results(folder)
@@ -395,23 +435,30 @@ def report(args) -> None:
         if points:
           series[f"{family} D{','.join(str(p[0]) for p in points)}"] = (
               [p[1] for p in points], [p[2] for p in points], COLOURS[family])
+      if len(series) < 2:  # figure 2 compares families
+        continue
       line_plot(series, "ms per image (sampling)", "Frechet distance").save(
-          os.path.join(folder, f"quality_vs_time_{variant}_{sampler}.png"))
-  # Learning curves, per depth: mean fid_proxy over seeds against the step.
-  for depth in sorted({r["depth"] for r in rows}):
+          os.path.join(folder, f"quality_vs_time_{variant}_{file_name(sampler)}.png"))
+  # Learning curves, per variant and depth: mean train/fid_proxy over seeds against the step
+  # (drawn during training with the run's own sampler, named in the legend).
+  for variant, depth in sorted({(r["variant"], r["depth"]) for r in rows}):
     series = {}
     for family in COLOURS:
-      runs = list({r["seed"]: r for r in rows if r["family"] == family
-                   and r["depth"] == depth and r["variant"] == "base"
-                   and r["curve"]}.values())  # the curve is the run's, whatever the sampler
+      runs = {}
+      for r in rows:  # the curve is the run's, whatever sampler its result is for
+        if (r["family"], r["depth"], r["variant"]) == (family, depth, variant) and r["curve"]:
+          runs[r["seed"]] = r
       if runs:
-        steps = [p[0] for p in runs[0]["curve"]]
-        mean = np.mean([[p[1] for p in r["curve"]] for r in runs
+        first = next(iter(runs.values()))
+        steps = [p[0] for p in first["curve"]]
+        mean = np.mean([[p[1] for p in r["curve"]] for r in runs.values()
                         if len(r["curve"]) == len(steps)], axis=0)
-        series[family] = (steps, list(mean), COLOURS[family])
+        label = first.get("curve_sampler", sampler_label({"steps": 8}, family))
+        series[f"{family} ({label}, {len(runs)} seeds)"] = (steps, list(mean),
+                                                            COLOURS[family])
     if series:
       line_plot(series, "generator step", f"fid_proxy (D{depth})").save(
-          os.path.join(folder, f"curves_d{depth}.png"))
+          os.path.join(folder, f"curves_{variant}_d{depth}.png"))
   print(f"wrote {folder}/table.md, summary.json and plots")
 
 
