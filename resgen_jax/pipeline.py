@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resgen_jax import config_base
+from resgen_jax import config_base, config_checks
 from resgen_jax import data as data_lib
 from resgen_jax.audio import corpus
 from resgen_jax.baselines.direct import DirectTokenTask
@@ -660,6 +660,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
     kind = "speech" if table is not STAGES else "image"
     raise ValueError(f"unknown stages {unknown} for a {kind} config (data.name="
                      f"{config.data.name!r}); known: {sorted(table)}")
+  config_checks.check_config(config, stages)  # before anything is written or trained
   os.makedirs(workdir, exist_ok=True)
   write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)

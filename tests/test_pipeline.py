@@ -280,9 +280,17 @@ def set_field(config, dotted: str, value):
     ("mesh.shape", (3,), "mesh.shape \\(3,\\)"),
     ("tokenizer.train.batch_size", 0, "batch size must be positive, got 0"),
     ("tokenizer.train.warmup_steps", 4, "warmup_steps \\(4\\) must be below"),
+    # Fields of later stages fail at start-up, before the tokenizer trains.
+    ("generator.train.keep_checkpoints", 0, "generator.train.keep_checkpoints must be >= 1"),
+    ("generator.train.num_steps", -5, "generator.train.num_steps must be >= 1"),
+    ("generator.train.checkpoint_every", 0, "generator.train.checkpoint_every must be >= 1"),
+    ("generator.model.num_heads", 3, "width \\(32\\) must be a multiple of"),
+    ("generator.model.num_layers", 0, "generator.model.num_layers must be >= 1"),
+    ("sampler.cfg_scale", -1.0, "sampler.cfg_scale must be >= 0"),
 ])
 def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
   config = tiny_config(num_steps=4)
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
   set_field(config, field, value)
   with pytest.raises(ValueError, match=message):
     pipeline.run(config, str(tmp_path))

@@ -1,0 +1,71 @@
+"""Start-up checks of a run's config: every stage it will run is checked before any of
+them starts, so a bad generator or sampler value fails in a second, not after the
+tokenizer has trained for hours (and a refused run writes nothing).
+
+Each check raises a ValueError naming the field. Checks that need data or trained models
+(shapes, codebooks, image sizes) stay with the stages that have them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import ml_collections
+
+from resgen_jax.generator import sampler
+
+TRAINED_STAGES = {"tokenizer": "tokenizer", "generator": "generator"}  # stage -> section
+SAMPLING_STAGES = ("sample", "synthesize", "evaluate")
+
+
+def check_train(cfg: ml_collections.ConfigDict, name: str) -> None:
+  """The bookkeeping of one training stage (``<name>.train``)."""
+  field = lambda f: f"{name}.train.{f}"
+  if cfg.num_steps < 1:
+    raise ValueError(f"{field('num_steps')} must be >= 1, got {cfg.num_steps}")
+  if not 0 <= cfg.warmup_steps < cfg.num_steps:
+    raise ValueError(f"{field('warmup_steps')} ({cfg.warmup_steps}) must be below "
+                     f"{field('num_steps')} ({cfg.num_steps}) and >= 0")
+  for f in ("log_every", "checkpoint_every", "grad_accum_steps"):
+    if cfg[f] < 1:
+      raise ValueError(f"{field(f)} must be >= 1, got {cfg[f]}")
+  if cfg.keep_checkpoints < 1:  # orbax would delete every checkpoint of the run
+    raise ValueError(f"{field('keep_checkpoints')} must be >= 1 (0 would delete every "
+                     f"checkpoint), got {cfg.keep_checkpoints}")
+  if cfg.eval_every < 0 or cfg.eval_examples < 0:
+    raise ValueError(f"{field('eval_every')} and {field('eval_examples')} must be >= 0, "
+                     f"got {cfg.eval_every} and {cfg.eval_examples}")
+  if cfg.learning_rate <= 0:
+    raise ValueError(f"{field('learning_rate')} must be positive, got {cfg.learning_rate}")
+
+
+def check_generator_model(cfg: ml_collections.ConfigDict) -> None:
+  """The generator's shape (``generator.model``)."""
+  m = cfg.model
+  for f in ("width", "num_layers", "num_heads", "mlp_ratio", "num_components", "low_rank"):
+    if m[f] < 1:
+      raise ValueError(f"generator.model.{f} must be >= 1, got {m[f]}")
+  if m.width % m.num_heads:
+    raise ValueError(f"generator.model.width ({m.width}) must be a multiple of "
+                     f"generator.model.num_heads ({m.num_heads})")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ValueError(f"generator.model.dropout must be in [0, 1), got {m.dropout}")
+  if cfg.token_depth < 0:
+    raise ValueError(f"generator.token_depth must be >= 0 (0: every cached depth), got "
+                     f"{cfg.token_depth}")
+
+
+def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> None:
+  """Checks the sections of every stage in ``stages``."""
+  stages = tuple(stages)
+  for stage, section in TRAINED_STAGES.items():
+    if stage in stages:
+      check_train(config[section].train, section)
+  if "generator" in stages:
+    check_generator_model(config.generator)
+    if config.evaluation.proxy_every < 0:
+      raise ValueError(f"evaluation.proxy_every must be >= 0 (0: off), got "
+                       f"{config.evaluation.proxy_every}")
+  if any(s in stages for s in SAMPLING_STAGES) or (
+      "generator" in stages and config.evaluation.proxy_every):
+    sampler.check_settings(config.sampler)
