@@ -93,6 +93,7 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = config.to_dict()
+  resolved = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -102,8 +103,10 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{workdir} holds a run with a different config (fields: {', '.join(diff)}); "
           f"resuming would mix incompatible checkpoints. Use a new --workdir, or the "
           f"config in {path}.")
+    if saved == resolved:  # unchanged: not rewritten (a read-only workdir can be sampled)
+      return
   if jax.process_index() == 0:
-    files.save_json(path, json.loads(config.to_json()))
+    files.save_json(path, resolved)
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,15 +12,26 @@ import zipfile
 import numpy as np
 
 
+def umask_mode() -> int:
+  """The mode a plain ``open(path, "w")`` would give a new file: 0666 less the umask (read
+  without changing it for good)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str):
-  """Yields a temporary path beside ``path``; renames it onto ``path`` only on success."""
+  """Yields a temporary path beside ``path``; renames it onto ``path`` only on success. The
+  file gets the mode the umask allows (``mkstemp`` makes it 0600), so results on a shared
+  filesystem are as readable as the checkpoints beside them."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
