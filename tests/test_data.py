@@ -1,6 +1,7 @@
 """Tests of resgen_jax.data: sources, validation, and the sharded resumable iterators."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -253,7 +254,7 @@ def write_npz(path, **arrays) -> str:
   return str(path)
 
 
-def test_npz_round_trip(tmp_path):
+def test_npz_round_trip(tmp_path, caplog):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
   labels = np.array([0, 3, 1, 2, 3], np.int64)
@@ -266,7 +267,9 @@ def test_npz_round_trip(tmp_path):
   np.testing.assert_array_equal(got_images[0], sources.resize_center_crop(images[4], 8))
   np.testing.assert_array_equal(got_labels, [3, 0])
   assert got_labels.dtype == np.int32
-  assert sources.load_source(config, "test").num_examples == 5  # no eval_path: same file
+  with caplog.at_level(logging.WARNING):
+    assert sources.load_source(config, "test").num_examples == 5  # no eval_path: same file
+  assert "data.eval_path is not set" in caplog.text and "TRAINING data" in caplog.text
   config.eval_path = held_out
   assert sources.load_source(config, "test").image_shape == (8, 8, 1)
 
@@ -280,9 +283,16 @@ def write_garbage(path) -> str:
   return str(path)
 
 
+def write_text(path) -> str:
+  path.write_text("images,labels\n1,2\n")
+  return str(path)
+
+
 @pytest.mark.parametrize("write,error,match", [
     (lambda p: str(p), FileNotFoundError, "does not exist"),
     (write_garbage, ValueError, "not a readable"),
+    (write_text, ValueError, r"not a readable .npz archive \(a zip of .npy arrays; it starts "
+                             r"with b'imag'\)"),
     (lambda p: write_npz(p, images=GOOD_IMAGES), ValueError, r"lacks the key\(s\) \['labels'\]"),
     (lambda p: write_npz(p, images=GOOD_IMAGES.astype(np.float32), labels=GOOD_LABELS),
      ValueError, "must be uint8"),
@@ -321,6 +331,15 @@ def image_folder(tmp_path):
   save_image(root / "bee" / "sub" / "b.gif", np.full((9, 9, 3), (0, 0, 255), np.uint8))
   (root / "bee" / "notes.txt").write_text("not an image")
   return root
+
+
+def test_an_empty_class_folder_is_warned_about(image_folder, caplog):
+  os.makedirs(image_folder / "dog")
+  config = data_config(name="folder", path=str(image_folder), image_size=8)
+  with caplog.at_level(logging.WARNING):
+    source = sources.load_source(config, "train")
+  assert source.num_examples == 3
+  assert "dog holds no image files: class 3 ('dog')" in caplog.text
 
 
 def test_folder_loads_rgb_with_sorted_class_ids(image_folder):

@@ -22,6 +22,7 @@ TensorFlow is imported only by the TFDS sources, so the others start fast.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import zipfile
 from typing import Optional, Protocol, Tuple
@@ -47,6 +48,7 @@ FOLDER_CHANNELS = 3
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # The arrays a user's .npz file must hold.
 NPZ_KEYS = ("images", "labels")
+NPZ_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"  # a zip archive; a single .npy array
 
 # scikit-learn's digits hold values 0..16; they are scaled to 0..255.
 DIGITS_MAX_VALUE = 16
@@ -215,6 +217,12 @@ def split_path(data_config: ml_collections.ConfigDict, split: str) -> str:
                      f"{'.npz file' if data_config.name == 'npz' else 'class folder root'})")
   if is_train_split(data_config, split):
     return data_config.path
+  if not data_config.get("eval_path"):
+    logging.warning(
+        "data.eval_path is not set: the %r split is read from the TRAINING data %s, so "
+        "every held-out number (real Frechet distance, class agreement) is measured on "
+        "training images; set --config.data.eval_path to a held-out file or folder",
+        split, data_config.path)
   return data_config.get("eval_path") or data_config.path
 
 
@@ -248,6 +256,12 @@ def read_npz_arrays(path: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"the npz file {path} does not exist")
   unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile)
+  with open(path, "rb") as f:
+    magic = f.read(len(NPZ_MAGIC))
+  if magic not in (NPZ_MAGIC, NPY_MAGIC[:len(NPZ_MAGIC)]):
+    raise ValueError(f"the npz file {path} is not a readable .npz archive (a zip of .npy "
+                     f"arrays; it starts with {magic!r}): write it with "
+                     f"np.savez(path, images=..., labels=...)")
   try:
     archive = np.load(path, allow_pickle=False)
   except unreadable as e:
@@ -321,6 +335,10 @@ def scan_folder(root: str, num_classes: int) -> Tuple[Tuple[str, ...], np.ndarra
   paths, labels = [], []
   for label, name in enumerate(classes):
     files = class_image_files(os.path.join(root, name))
+    if not files:
+      logging.warning("the class folder %s holds no image files: class %d (%r) gets no "
+                      "examples in this split, yet is still sampled and scored",
+                      os.path.join(root, name), label, name)
     paths.extend(files)
     labels.extend([label] * len(files))
   if not paths:
