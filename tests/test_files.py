@@ -35,3 +35,15 @@ def test_an_unchanged_run_config_is_not_rewritten(tmp_path):
   config.sampler.steps = 16  # a resumable change is recorded
   pipeline.write_run_config(config, str(tmp_path))
   assert os.stat(path).st_ino != before.st_ino
+
+
+def test_a_new_write_removes_what_an_interrupted_one_left(tmp_path):
+  scratch = tmp_path / ".tmp-s.npzk3j2"  # a killed StreamingNpz's arrays
+  scratch.mkdir()
+  (scratch / "arr_0.npy").write_bytes(b"\0" * 1000)
+  (tmp_path / ".tmp-a.jsonq1").write_text("half")  # a killed atomic_write
+  (tmp_path / ".tmp-other.npzx").write_text("another target's")
+  files.save_json(str(tmp_path / "a.json"), {"x": 1})
+  with files.StreamingNpz(str(tmp_path / "s.npz"), arr_0=((2,), np.uint8)) as out:
+    out["arr_0"][:] = 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other.npzx", "a.json", "s.npz"]

@@ -20,6 +20,22 @@ def umask_mode() -> int:
   return 0o666 & ~mask
 
 
+def remove_leftovers(path: str) -> None:
+  """Removes what an interrupted write of ``path`` left beside it: the ``.tmp-<name>*``
+  files of :func:`atomic_write` and scratch folders of :class:`StreamingNpz` (a killed
+  sample stage's full-size arrays). Other writers' temporaries are not touched."""
+  directory, name = os.path.split(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    return
+  for entry in os.listdir(directory):
+    if entry.startswith(".tmp-" + name):
+      leftover = os.path.join(directory, entry)
+      if os.path.isdir(leftover):
+        shutil.rmtree(leftover, ignore_errors=True)
+      else:
+        os.remove(leftover)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str):
   """Yields a temporary path beside ``path``; renames it onto ``path`` only on success. The
@@ -27,6 +43,7 @@ def atomic_write(path: str):
   filesystem are as readable as the checkpoints beside them."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
+  remove_leftovers(path)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
   os.close(fd)
   try:
@@ -81,6 +98,7 @@ class StreamingNpz:
     self.path = path
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    remove_leftovers(path)
     self._scratch = tempfile.mkdtemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     self.arrays = {}
     for name, (shape, dtype) in specs.items():
