@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -374,16 +374,43 @@ def settings_hash(cfg: ml_collections.ConfigDict, exclude=()) -> str:
   return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:SETTINGS_HASH_CHARS]
 
 
-def sample_tag(scfg) -> str:
+def sample_tag(scfg, generator_step: Optional[int] = None) -> str:
   """The sample set's name: ``sampler.tag``, or its main settings plus a hash of all of
-  them, so any change of a sampler setting makes a new set instead of reusing an old one."""
-  return scfg.tag or (f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_"
-                      f"topp{scfg.top_p:g}_conf{scfg.confidence_temperature:g}_seed{scfg.seed}_"
-                      f"{settings_hash(scfg, exclude=('tag',))}")
+  them and the generator step it is drawn from (``_g<step>``), so another sampler setting
+  or a generator trained further makes a new set instead of reusing an old one."""
+  if scfg.tag:
+    return scfg.tag
+  step = "" if generator_step is None else f"_g{generator_step}"
+  return (f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_"
+          f"topp{scfg.top_p:g}_conf{scfg.confidence_temperature:g}_seed{scfg.seed}_"
+          f"{settings_hash(scfg, exclude=('tag',))}{step}")
+
+
+def trained_steps(workdir: str) -> dict:
+  """``{"generator_step", "tokenizer_step"}``: the newest checkpoints' steps (None where a
+  stage has none), what a sample set is drawn from."""
+  return {f"{stage}_step": trainer.latest_checkpoint_step(os.path.join(workdir, stage))
+          for stage in ("generator", "tokenizer")}
 
 
 def samples_path(config, workdir: str) -> str:
-  return os.path.join(workdir, SAMPLES_DIR, sample_tag(config.sampler) + ".npz")
+  step = trained_steps(workdir)["generator_step"]
+  return os.path.join(workdir, SAMPLES_DIR, sample_tag(config.sampler, step) + ".npz")
+
+
+def check_sample_provenance(path: str, workdir: str) -> dict:
+  """The steps a sample set records; a ValueError when its generator or tokenizer is not
+  the workdir's newest (a set named by ``sampler.tag`` outlives further training)."""
+  current = trained_steps(workdir)
+  with np.load(path, allow_pickle=False) as data:
+    recorded = {k: int(data[k]) for k in current if k in data.files}
+  stale = {k: (recorded[k], current[k]) for k in recorded if recorded[k] != current[k]}
+  if stale:
+    what = ", ".join(f"{k.split('_')[0]} step {a} (now {b})" for k, (a, b) in stale.items())
+    raise ValueError(f"{path} was drawn from {what}: it is not a sample of the current "
+                     f"models and is kept as it is; move it away or set another "
+                     f"sampler.tag to draw a new set")
+  return recorded
 
 
 def make_image_sampler(config, tok_task: TokenizerTask, gen_task: TokenTask,
@@ -448,6 +475,7 @@ def run_sample(config, workdir: str, mesh) -> str:
   scfg = config.sampler
   path = samples_path(config, workdir)
   if os.path.exists(path):
+    check_sample_provenance(path, workdir)
     logging.info("samples exist: %s", path)
     return path
   if scfg.samples_per_class < 1 or scfg.batch_size < 1:
@@ -475,6 +503,7 @@ def run_sample(config, workdir: str, mesh) -> str:
     if out is not None:
       out["labels"][:] = labels
       out.small["seconds_per_image"] = np.float64(seconds / len(labels))
+      out.small.update({k: np.int64(v) for k, v in trained_steps(workdir).items()})
       tag_dir = os.path.splitext(path)[0]
       for c in range(config.data.num_classes):
         rows = np.flatnonzero(labels == c)[:GRID_MAX_IMAGES]
@@ -522,6 +551,7 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   out = os.path.splitext(samples)[0] + "_eval.json"
   if not os.path.exists(samples):
     raise FileNotFoundError(f"no samples at {samples}; run the 'sample' stage first")
+  steps = check_sample_provenance(samples, workdir)
   settings = evaluation_settings(config.evaluation)
   if os.path.exists(out):
     with open(out) as f:
@@ -535,7 +565,8 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   if jax.process_index() == 0:  # host-side and local-device work only
     evaluate = (_evaluate_with_inception if config.evaluation.extractor == "inception"
                 else _evaluate_with_classifier)
-    report = dict(evaluate(config, workdir, samples), samples=samples, evaluation=settings)
+    report = dict(evaluate(config, workdir, samples), samples=samples, evaluation=settings,
+                  **steps)
     files.save_json(out, report)
     for name in ("generated", "real_heldout"):
       logging.info("%s: %s", name, ", ".join(f"{k} {v:.4g}"

@@ -226,6 +226,31 @@ def test_samples_are_written_in_the_evaluator_layout(trained):
     assert report[key]["frechet_distance"] >= 0.0
 
 
+def test_a_sample_set_names_and_records_the_models_it_came_from(trained, tmp_path):
+  """The default set's name ends in the generator step and the set (and its report)
+  record both steps; a set named by sampler.tag is refused, never scored, once the
+  generator has trained past it (here: a newer checkpoint injected by hand)."""
+  config = trained_config()
+  path = pipeline.samples_path(config, trained)
+  assert path.endswith(f"_g{config.generator.train.num_steps}.npz")
+  with np.load(path) as data:
+    assert int(data["generator_step"]) == 20
+    assert int(data["tokenizer_step"]) == TRAINED_STEPS
+  with open(os.path.splitext(path)[0] + "_eval.json") as f:
+    assert json.load(f)["generator_step"] == 20
+  run_dir = str(tmp_path / "run")
+  shutil.copytree(trained, run_dir, symlinks=True)
+  config.sampler.tag = "fixed"
+  pipeline.run(config, run_dir, stages=("sample",))
+  checkpoints = os.path.join(run_dir, "generator", trainer.CHECKPOINT_DIR)
+  shutil.copytree(os.path.join(checkpoints, "20"), os.path.join(checkpoints, "30"))
+  for stage in ("sample", "evaluate"):
+    with pytest.raises(ValueError, match=r"fixed.npz was drawn from generator step 20 "
+                                         r"\(now 30\)"):
+      pipeline.run(config, run_dir, stages=(stage,))
+  assert os.path.exists(os.path.join(run_dir, "samples", "fixed.npz"))  # kept as it was
+
+
 def test_another_sampler_setting_makes_another_sample_set(trained):
   config = trained_config()
   config.sampler.cfg_scale = 2.0

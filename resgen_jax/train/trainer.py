@@ -268,6 +268,16 @@ class PreemptionWatcher:
       self._previous = None
 
 
+def latest_checkpoint_step(stage_dir: str) -> Optional[int]:
+  """The step of the newest finished checkpoint of a stage (orbax names each by its step;
+  saves in progress carry a suffix), or None; reads the folder only, restores nothing."""
+  directory = os.path.join(stage_dir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps) if steps else None
+
+
 def checkpoint_manager(stage_dir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """The stage's manager. The item handlers are named so that a checkpoint's metadata can
   be read (to check it against the config) before anything is restored. Close it."""
