@@ -273,7 +273,10 @@ def run_encode(config, workdir: str, mesh) -> None:
   h, w = task.tok.grid_shape(config.data.image_size)
   meta = {"grid": [h, w], "depth": task.tok.depth, "codebook_size": task.tok.codebook_size,
           "tokenizer_step": int(state.step), "image_size": config.data.image_size,
-          "process_count": jax.process_count()}
+          "process_count": jax.process_count(),
+          "data": {split: data_lib.fingerprint(config.data, split) for split in passes}}
+  if os.path.exists(token_cache.meta_path(workdir)):
+    check_token_data(config, workdir, meta["data"])
   if token_cache.is_cached(workdir, tuple(passes), meta):
     logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
     return
@@ -293,6 +296,27 @@ def run_encode(config, workdir: str, mesh) -> None:
     path = token_cache.write_split(workdir, split, codes, labels)
     logging.info("encoded %d %s examples into %s", len(codes), split, path)
   token_cache.write_meta(workdir, meta, host_books)
+
+
+def check_token_data(config, workdir: str, current=None) -> None:
+  """Refuses a token cache encoded from other data than ``config.data`` now names (data
+  paths may change on resume, the data may not): the generator would train on the old
+  codes and be scored against the new held-out images. ``current``: the fingerprints
+  already computed. A cache from before fingerprints were recorded passes with a warning."""
+  meta, _ = token_cache.load_meta(workdir)
+  saved = meta.get("data")
+  if saved is None:
+    logging.warning("%s does not record which data it was encoded from; it is used as it is",
+                    token_cache.meta_path(workdir))
+    return
+  current = current or {split: data_lib.fingerprint(config.data, split) for split in saved}
+  changed = [split for split in saved if saved[split] != current.get(split)]
+  if changed:
+    raise ValueError(
+        f"the token cache {os.path.dirname(token_cache.meta_path(workdir))} was encoded from "
+        f"other data than data.path / data.eval_path now give (splits {changed}: "
+        f"{[saved[s] for s in changed]} then, {[current.get(s) for s in changed]} now); "
+        f"point the data fields back, or remove the tokens folder to encode the new data")
 
 
 # generator.family -> its task; each trains with the shared trainer and samples through
@@ -334,6 +358,7 @@ def run_generator(config, workdir: str, mesh) -> None:
   mesh_lib.check_batch_size(gcfg.batch_size, mesh, gcfg.grad_accum_steps)
   mesh_lib.check_batch_size(gcfg.eval_batch_size, mesh)
   task = make_generator_task(config, workdir)
+  check_token_data(config, workdir)
   pid, count = jax.process_index(), jax.process_count()
   classes = config.data.num_classes
   train_iter = token_cache.TokenBatches(
@@ -552,6 +577,7 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   if not os.path.exists(samples):
     raise FileNotFoundError(f"no samples at {samples}; run the 'sample' stage first")
   steps = check_sample_provenance(samples, workdir)
+  check_token_data(config, workdir)
   settings = evaluation_settings(config.evaluation)
   if os.path.exists(out):
     with open(out) as f:

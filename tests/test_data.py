@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -451,3 +452,20 @@ def test_tfds_stream_eval_pads_to_equal_steps(mock_mnist, process_count):
   valid = concat(batches, "valid")
   assert valid.sum() == MOCK_SPLIT_SIZE and len(batches) == 2
   assert concat(batches, "image").shape == (8, 8, 8, 1)
+
+
+def test_fingerprints_follow_the_data_not_its_location(tmp_path, image_folder):
+  images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
+  a = write_npz(tmp_path / "a.npz", images=images, labels=np.arange(6) % 4)
+  moved = write_npz(tmp_path / "moved.npz", images=images, labels=np.arange(6) % 4)
+  other = write_npz(tmp_path / "b.npz", images=images[::-1], labels=np.arange(6) % 4)
+  npz = lambda path: sources.fingerprint(
+      data_config(name="npz", path=path, image_size=8, num_classes=4), "train")
+  assert npz(a) == npz(moved) and npz(a) != npz(other) and npz(a)["examples"] == 6
+  folder = lambda root: sources.fingerprint(
+      data_config(name="folder", path=str(root), image_size=8), "train")
+  before = folder(image_folder)
+  shutil.copytree(image_folder, tmp_path / "elsewhere")
+  assert folder(tmp_path / "elsewhere") == before
+  save_image(image_folder / "ant" / "a2.png", np.zeros((4, 4), np.uint8))
+  assert folder(image_folder) != before

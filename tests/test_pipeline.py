@@ -164,6 +164,33 @@ def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
     pipeline.make_generator_task(config, run_dir)
 
 
+def test_a_token_cache_of_other_data_is_refused(tmp_path, caplog):
+  """The cache records what it was encoded from; pointing the data fields at other data
+  is refused by name, moving the same data is not, and an older cache passes with a
+  warning."""
+  images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1)).astype(np.uint8)
+  paths = {}
+  for name, pixels in (("a", images), ("copy", images), ("other", images[::-1])):
+    paths[name] = str(tmp_path / f"{name}.npz")
+    np.savez(paths[name], images=pixels, labels=np.arange(6) % 4)
+  config = tiny_config()
+  config.data.update(name="npz", path=paths["a"], eval_path=paths["a"], num_classes=4)
+  workdir = str(tmp_path / "run")
+  fingerprints = {s: data_lib.fingerprint(config.data, s) for s in ("train", "test")}
+  token_cache.write_meta(workdir, {"grid": [4, 4], "depth": 3, "data": fingerprints},
+                         np.zeros((3, 16, 4), np.float32))
+  pipeline.check_token_data(config, workdir)
+  config.data.path = paths["copy"]  # the same data elsewhere
+  pipeline.check_token_data(config, workdir)
+  config.data.eval_path = paths["other"]
+  with pytest.raises(ValueError, match=r"encoded from other data .* \(splits \['test'\]"):
+    pipeline.check_token_data(config, workdir)
+  token_cache.write_meta(workdir, {"grid": [4, 4], "depth": 3},
+                         np.zeros((3, 16, 4), np.float32))
+  pipeline.check_token_data(config, workdir)
+  assert "does not record which data" in caplog.text
+
+
 def test_unknown_family_is_a_clear_error(trained):
   config = trained_config()
   config.generator.family = "maskgit"
@@ -189,8 +216,11 @@ def test_cached_codes_are_the_tokenizers_codes(trained):
   assert train_codes.min() >= 0 and train_codes.max() < 16
   with open(token_cache.meta_path(trained)) as f:
     meta = json.load(f)
+  data = meta.pop("data")
   assert meta == {"grid": [4, 4], "depth": 3, "codebook_size": 16,
                   "tokenizer_step": TRAINED_STEPS, "image_size": 16, "process_count": 1}
+  assert data == {s: data_lib.fingerprint(config.data, s) for s in ("train", "test")}
+  assert data["train"]["examples"] == 1500 and data["test"]["examples"] == 297
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(trained):

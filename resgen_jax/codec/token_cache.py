@@ -47,14 +47,18 @@ def is_cached(workdir: str, splits: Iterable[str], meta: dict) -> bool:
     return False
   with open(path) as f:
     saved = json.load(f)
-  without_count = lambda m: {k: v for k, v in m.items() if k != "process_count"}
+  # The process count may differ (shards of another count are ignored); the data's
+  # fingerprints are checked apart (pipeline.check_token_data), so older caches still load.
+  without_count = lambda m: {k: v for k, v in m.items() if k not in ("process_count", "data")}
   if without_count(saved) != without_count(meta):
     raise ValueError(
         f"{path} describes codes from another tokenizer ({saved}) than this run's ({meta}); "
         f"remove {os.path.dirname(path)} to encode again")
   count = jax.process_count()
-  return saved == meta and os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE)) and all(os.path.exists(shard_path(workdir, s, p, count))
-             for s in splits for p in range(count))
+  return (saved.get("process_count") == meta.get("process_count")
+          and os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE))
+          and all(os.path.exists(shard_path(workdir, s, p, count))
+                  for s in splits for p in range(count)))
 
 
 def encode_split(encode_fn: Callable, batches: Iterable[dict], codebook_size: int

@@ -11,6 +11,7 @@ from resgen_jax.data.pipeline import TFDSStreamIterator
 from resgen_jax.data.pipeline import TrainIterator
 from resgen_jax.data.sources import ArraySource
 from resgen_jax.data.sources import check_image_size
+from resgen_jax.data.sources import fingerprint
 from resgen_jax.data.sources import FolderSource
 from resgen_jax.data.sources import load_source
 from resgen_jax.data.sources import resize_center_crop

@@ -22,6 +22,7 @@ TensorFlow is imported only by the TFDS sources, so the others start fast.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import zipfile
@@ -402,6 +403,27 @@ def load_tfds(data_config: ml_collections.ConfigDict, split: str) -> ArraySource
       images=resize_all(data["image"], data_config.image_size),
       labels=check_labels(data["label"], data_config.num_classes, where),
       num_classes=data_config.num_classes)
+
+
+def fingerprint(data_config: ml_collections.ConfigDict, split: str) -> dict:
+  """What a split's examples are, independent of where they live: the number of examples
+  and a SHA-256 over their pixels and labels (in-memory sources) or their file names
+  relative to the class root, sizes and labels (folders); streamed sources by name and
+  split. Equal fingerprints: the same data (a moved folder or file still matches)."""
+  if data_config.name in STREAMING_SOURCES:
+    return {"source": data_config.name, "split": split}
+  source = load_source(data_config, split)
+  digest = hashlib.sha256()
+  if isinstance(source, FolderSource):
+    root = split_path(data_config, split)
+    for path, label in zip(source.paths, source.labels):
+      digest.update(f"{os.path.relpath(path, root)}\t{os.path.getsize(path)}\t{label}\n"
+                    .encode())
+  else:
+    digest.update(np.ascontiguousarray(source.images).tobytes())
+    digest.update(np.ascontiguousarray(source.labels, np.int64).tobytes())
+  return {"source": data_config.name, "examples": source.num_examples,
+          "image_shape": list(source.image_shape), "sha256": digest.hexdigest()}
 
 
 def load_source(data_config: ml_collections.ConfigDict, split: str) -> Source:
