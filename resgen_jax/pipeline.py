@@ -89,15 +89,25 @@ def config_differences(saved: dict, current: dict) -> list:
                 if a.get(k) != b.get(k) and not resumable(k) and not added_at_default(k))
 
 
+# Config sections that only shape one stage's checkpoints: compared with the saved config
+# only once that stage has a checkpoint (a run refused on a bad generator value after the
+# tokenizer trained can be rerun with the value corrected).
+STAGE_SECTIONS = ("tokenizer", "generator")
+
+
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config."""
+  """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config
+  (the fields of a stage without checkpoints yet may change)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = config.to_dict()
   resolved = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    diff = config_differences(saved, current)
+    untrained = [s for s in STAGE_SECTIONS
+                 if trainer.latest_checkpoint_step(os.path.join(workdir, s)) is None]
+    diff = [k for k in config_differences(saved, current)
+            if k.split(".")[0] not in untrained]
     if diff:
       raise ValueError(
           f"{workdir} holds a run with a different config (fields: {', '.join(diff)}); "
@@ -721,6 +731,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
     raise ValueError(f"unknown stages {unknown} for a {kind} config (data.name="
                      f"{config.data.name!r}); known: {sorted(table)}")
   config_checks.check_config(config, stages)  # before anything is written or trained
+  if "generator" in stages and config.generator.family not in FAMILIES:
+    raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got "
+                     f"{config.generator.family!r}")
   os.makedirs(workdir, exist_ok=True)
   write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)

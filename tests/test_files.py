@@ -47,3 +47,23 @@ def test_a_new_write_removes_what_an_interrupted_one_left(tmp_path):
   with files.StreamingNpz(str(tmp_path / "s.npz"), arr_0=((2,), np.uint8)) as out:
     out["arr_0"][:] = 1
   assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other.npzx", "a.json", "s.npz"]
+
+
+def test_fields_of_a_stage_without_checkpoints_may_change(tmp_path):
+  """A run refused on a bad generator value after the tokenizer trained leaves the value
+  in config.json; the corrected rerun is accepted while the generator has no checkpoint,
+  the tokenizer's fields stay fixed, and once the generator has one its fields are too."""
+  config = config_base.base_config()
+  config.generator.model.width = 999
+  pipeline.write_run_config(config, str(tmp_path))
+  os.makedirs(tmp_path / "tokenizer" / "checkpoints" / "5")
+  config.generator.model.width = 128
+  pipeline.write_run_config(config, str(tmp_path))
+  changed = config.copy_and_resolve_references()
+  changed.tokenizer.model.latent_dim = 8
+  with pytest.raises(ValueError, match="fields: tokenizer.model.latent_dim"):
+    pipeline.write_run_config(changed, str(tmp_path))
+  os.makedirs(tmp_path / "generator" / "checkpoints" / "7")
+  config.generator.model.width = 64
+  with pytest.raises(ValueError, match="fields: generator.model.width"):
+    pipeline.write_run_config(config, str(tmp_path))
