@@ -379,12 +379,13 @@ def markdown(summary: Sequence[dict]) -> str:
 
 
 def line_plot(series: Dict[str, tuple], xlabel: str, ylabel: str) -> Image.Image:
-  """Lines of ``label -> (xs, ys, colour)`` on shared axes (PIL; no plotting library)."""
+  """Lines of ``label -> (xs, ys, colour[, point names])`` on shared axes (PIL; no
+  plotting library)."""
   width, height = PLOT_SIZE
   m = PLOT_MARGIN
   image = Image.new("RGB", PLOT_SIZE, "white")
   draw = ImageDraw.Draw(image)
-  points = [(x, y) for xs, ys, _ in series.values() for x, y in zip(xs, ys)]
+  points = [(x, y) for xs, ys, *_ in series.values() for x, y in zip(xs, ys)]
   if not points:
     return image
   xs_all, ys_all = np.array(points).T
@@ -400,12 +401,14 @@ def line_plot(series: Dict[str, tuple], xlabel: str, ylabel: str) -> Image.Image
     draw.text((8, py - 6), f"{y0 + frac * (y1 - y0):.3g}", fill="black")
   draw.text((width // 2 - 60, height - 24), xlabel, fill="black")
   draw.text((8, 16), ylabel, fill="black")
-  for i, (label, (xs, ys, colour)) in enumerate(series.items()):
+  for i, (label, (xs, ys, colour, *names)) in enumerate(series.items()):
     pixels = [to_px(x, y) for x, y in zip(xs, ys)]
     if len(pixels) > 1:
       draw.line(pixels, fill=colour, width=2)
-    for px, py in pixels:
+    for j, (px, py) in enumerate(pixels):
       draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+      if names:  # a name per point
+        draw.text((px + 5, py - 12), names[0][j], fill=colour)
     draw.text((width - m - 110, m + 14 * i), label, fill=colour)
   return image
 
@@ -433,8 +436,8 @@ def report(args) -> None:
         points = sorted((s["depth"], 1e3 * s["seconds_per_image"], s["frechet_distance"])
                         for s in chosen if s["family"] == family)
         if points:
-          series[f"{family} D{','.join(str(p[0]) for p in points)}"] = (
-              [p[1] for p in points], [p[2] for p in points], COLOURS[family])
+          series[family] = ([p[1] for p in points], [p[2] for p in points],
+                            COLOURS[family], [f"D{p[0]}" for p in points])
       if len(series) < 2:  # figure 2 compares families
         continue
       line_plot(series, "ms per image (sampling)", "Frechet distance").save(
