@@ -93,6 +93,10 @@ def get_config():
   gen.train.checkpoint_every = 5_000
 
   config.sampler.steps = 16  # the paper sweeps T; T does not grow with the depth
+  # Reveal positions whole: at depth 16 revealing each token on its own confidence puts
+  # every position's coarse depths first and halves the quality on digits (bench/study.py:
+  # Frechet 14.8 against 30.2 at 1000 steps, 12.6 against 23.7 at 3000).
+  config.sampler.confidence_depths = "first"
   config.sampler.cfg_scale = 3.0  # our default; the paper sweeps the scale
   config.sampler.cfg_ramp = "linear"
   config.sampler.top_p = 0.9

@@ -177,15 +177,14 @@ def sampler_config() -> ml_collections.ConfigDict:
       # ResGen: a candidate token's confidence, codebook (softmax over raw squared distances)
       # or mixture (the same over 2 sigma_k^2, the model's own scale): generator/sampler.py
       confidence="codebook",
-      # first (a position's first hidden token's confidence for all its hidden tokens:
-      # positions revealed whole, every depth from one joint proposal) or each (every token
-      # its own, cumulative minimum along depth). Measured (bench/study.py, digits, shared
-      # depth-16 tokenizer, 1000 steps, 2000 samples, seeds 0-1): Frechet 11.0 vs 16.7 at
-      # D4 and 14.8 vs 30.1 at D16 for first vs each. With "each" the coarse depths of
-      # all positions come first and the fine ones from proposals at partly hidden
-      # positions, which recover the data's first hidden token 1-4% of the time (chance
-      # 1.6%) against 29% at wholly hidden ones.
-      confidence_depths="first",
+      # each (every token its own confidence, cumulative minimum along depth) or first (a
+      # position's first hidden token's for all its hidden tokens: positions revealed
+      # whole, every depth from one joint proposal). Which is better depends on the depth
+      # (README, "ResGen against the baselines"): on digits at depth 16 first halves the
+      # Frechet distance (14.8 vs 30.2 at 1000 steps, 12.6 vs 23.7 at 3000), while the
+      # digits default (its own depth-4 tokenizer, 2500 steps) is better with each (13.3 vs
+      # 15.2, seeds 0-1, 2000 samples). Deep configs set first.
+      confidence_depths="each",
       # ResGen: noise on the chosen mean in units of the model's sigma (1: a draw from the
       # component's Gaussian, not its mean), on top of mean_noise
       sigma_noise=0.0,
