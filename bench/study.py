@@ -378,6 +378,31 @@ def markdown(summary: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def headline(summary: Sequence[dict], variant: str = "base", steps: int = 8) -> str:
+  """The README's table: per family and depth, the Frechet distance (mean +- std over
+  seeds) under both reveal rules at T = ``steps`` (one column for the RQ-Transformer, which
+  draws token by token), and class agreement and recall of the better rule."""
+  rows = {}
+  for s in summary:
+    if s["variant"] != variant:
+      continue
+    rule = "AR" if s["sampler"] == "AR" else s["sampler"].replace(f"T{steps} ", "", 1)
+    if rule in ("AR", "each", "first"):
+      rows.setdefault((s["family"], s["depth"]), {})[rule] = s
+  fmt = lambda s: (f"{s['frechet_distance']:.2f} +- {s['frechet_distance_std']:.2f} "
+                   f"({s['seeds']})" if s else "-")
+  lines = ["| family | D | Frechet, each (seeds) | Frechet, first (seeds) | class agreement "
+           "| recall |", "|---|---|---|---|---|---|"]
+  order = {f: i for i, f in enumerate(COLOURS)}
+  for (family, depth), rules in sorted(rows.items(), key=lambda kv: (kv[0][1],
+                                                                      order[kv[0][0]])):
+    each, first = rules.get("each", rules.get("AR")), rules.get("first", rules.get("AR"))
+    best = min((r for r in (each, first) if r), key=lambda r: r["frechet_distance"])
+    lines.append(f"| {family} | {depth} | {fmt(each)} | {fmt(first)} | "
+                 f"{best['class_agreement']:.3f} | {best['recall']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
 def line_plot(series: Dict[str, tuple], xlabel: str, ylabel: str) -> Image.Image:
   """Lines of ``label -> (xs, ys, colour[, point names])`` on shared axes (PIL; no
   plotting library)."""
@@ -426,6 +451,8 @@ def report(args) -> None:
   files.save_json(os.path.join(folder, "summary.json"), {"rows": summary})
   with files.atomic_write(os.path.join(folder, "table.md")) as tmp, open(tmp, "w") as f:
     f.write(markdown(summary))
+  with files.atomic_write(os.path.join(folder, "headline.md")) as tmp, open(tmp, "w") as f:
+    f.write(headline(summary))
   print(markdown(summary))
   # Figure 2: quality against time, one line per family over depths (base variant).
   for variant in sorted({s["variant"] for s in summary}):

@@ -61,3 +61,12 @@ def test_overrides_and_sampler_specs():
   assert study.parse_sampler("first_T16:confidence_depths=first,steps=16") == (
       "first_T16", {"confidence_depths": "first", "steps": 16})
   assert study.parse_sampler("default") == ("default", {})
+
+
+def test_the_headline_puts_both_reveal_rules_side_by_side():
+  rows = [row(0, 10.0), row(1, 12.0), row(0, 20.0, confidence_depths="each"),
+          row(0, 5.0, family="rq_transformer")]
+  table = study.headline(study.summarize(rows))
+  lines = table.strip().split("\n")
+  assert lines[2] == "| resgen | 4 | 20.00 +- nan (1) | 11.00 +- 1.41 (2) | 0.500 | 0.200 |"
+  assert lines[3].startswith("| rq_transformer | 4 | 5.00 +- nan (1) | 5.00 +- nan (1) |")
