@@ -182,8 +182,8 @@ def sampler_config() -> ml_collections.ConfigDict:
       # whole, every depth from one joint proposal). Which is better depends on the depth
       # (README, "ResGen against the baselines"): on digits at depth 16 first halves the
       # Frechet distance (14.8 vs 30.2 at 1000 steps, 12.6 vs 23.7 at 3000), while the
-      # digits default (its own depth-4 tokenizer, 2500 steps) is better with each (13.3 vs
-      # 15.2, seeds 0-1, 2000 samples). Deep configs set first.
+      # digits default (its own depth-4 tokenizer, 2500 steps) is better with each (12.4 vs
+      # 14.8, seeds 0-2, 2000 samples). Deep configs set first.
       confidence_depths="each",
       # ResGen: noise on the chosen mean in units of the model's sigma (1: a draw from the
       # component's Gaussian, not its mean), on top of mean_noise
