@@ -312,7 +312,10 @@ def check_token_data(config, workdir: str, current=None) -> None:
   """Refuses a token cache encoded from other data than ``config.data`` now names (data
   paths may change on resume, the data may not): the generator would train on the old
   codes and be scored against the new held-out images. ``current``: the fingerprints
-  already computed. A cache from before fingerprints were recorded passes with a warning."""
+  already computed. A cache from before fingerprints were recorded passes with a warning,
+  and a workdir without one (samples evaluated on their own) has nothing to check."""
+  if not os.path.exists(token_cache.meta_path(workdir)):
+    return
   meta, _ = token_cache.load_meta(workdir)
   saved = meta.get("data")
   if saved is None:
