@@ -2,11 +2,13 @@
 and the command line."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,6 +191,44 @@ def test_a_token_cache_of_other_data_is_refused(tmp_path, caplog):
                          np.zeros((3, 16, 4), np.float32))
   pipeline.check_token_data(config, workdir)
   assert "does not record which data" in caplog.text
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_good_one(trained, tmp_path, caplog):
+  """A truncated chunk (an error on restore) and a checkpoint full of NaN (loads without
+  one) are both skipped, with a warning naming them and the step used instead."""
+  config = trained_config()
+  run_dir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(trained, "tokenizer"), os.path.join(run_dir, "tokenizer"))
+  shutil.copytree(os.path.join(trained, token_cache.TOKENS_DIR),
+                  os.path.join(run_dir, token_cache.TOKENS_DIR))
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  checkpoints = os.path.join(run_dir, "tokenizer", trainer.CHECKPOINT_DIR)
+  assert sorted(os.listdir(checkpoints)) == ["100", str(TRAINED_STEPS)]
+  _, good, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+  # A NaN copy of the good state saved as a newer step, and the next one's chunk truncated.
+  keep_all = config.tokenizer.train.copy_and_resolve_references()
+  keep_all.keep_checkpoints = 3
+  manager = trainer.checkpoint_manager(os.path.join(run_dir, "tokenizer"), keep_all)
+  nan = good.replace(step=good.step + 10, params=jax.tree.map(
+      lambda x: x * jnp.nan, good.params))
+  trainer.save_state(manager, nan, {})
+  manager.wait_until_finished()
+  manager.close()
+  chunks = [os.path.join(d, f)
+            for d, _, names in os.walk(os.path.join(checkpoints, str(TRAINED_STEPS)))
+            for f in names if os.path.basename(d) == "d"]
+  for chunk in chunks:
+    with open(chunk, "r+b") as f:
+      f.truncate(os.path.getsize(chunk) // 2)
+  with caplog.at_level(logging.WARNING):
+    _, state, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+  assert int(state.step) == 100
+  assert f"/{TRAINED_STEPS + 10} holds non-finite values" in caplog.text
+  assert f"/{TRAINED_STEPS} cannot be read" in caplog.text
+  assert f"using checkpoint step 100 instead of the newest, step {TRAINED_STEPS + 10}" \
+      in caplog.text
+  assert sorted(os.listdir(checkpoints)) == ["100", str(TRAINED_STEPS),
+                                             str(TRAINED_STEPS + 10)]  # nothing renamed
 
 
 def test_unknown_family_is_a_clear_error(trained):

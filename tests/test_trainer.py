@@ -115,6 +115,32 @@ def test_preempted_then_resumed_equals_uninterrupted(tmp_path, mesh):
   assert_same_state(full.state, again.state)
 
 
+def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_ends_the_same(tmp_path, mesh,
+                                                                          caplog):
+  """The newest checkpoint's chunks truncated: the run resumes from the one before (a
+  warning names both), keeps the damaged one as <step>.unreadable, and ends where an
+  uninterrupted run ends."""
+  cfg = train_cfg(checkpoint_every=2)
+  full = run(tmp_path / "full", mesh, cfg=cfg)
+  it = ToyIterator(on_batch=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
+  assert run(tmp_path / "cut", mesh, cfg=cfg, it=it).preempted
+  ckpt_dir = tmp_path / "cut" / "linear" / trainer.CHECKPOINT_DIR
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
+  for directory, _, names in os.walk(ckpt_dir / "4"):
+    for name in names:
+      if os.path.basename(directory) == "d":
+        path = os.path.join(directory, name)
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+  with caplog.at_level("WARNING"):
+    resumed = run(tmp_path / "cut", mesh, cfg=cfg)
+  assert "/4 cannot be read" in caplog.text
+  assert "using checkpoint step 2 instead of the newest, step 4" in caplog.text
+  assert resumed.finished and int(resumed.state.step) == 6
+  assert_same_state(full.state, resumed.state)
+  assert "4.unreadable" in os.listdir(ckpt_dir)
+
+
 def test_metrics_jsonl_rows_and_no_duplicates_after_resume(tmp_path, mesh):
   it = ToyIterator(on_batch=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
   run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100), it=it)  # saved at 4 by SIGTERM

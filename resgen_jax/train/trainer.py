@@ -133,7 +133,7 @@ def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
     init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
     abstract, _ = state_layout(task, optim.make_optimizer(cfg), init_key, batch,
                                cfg.ema_decay > 0, mesh, rules)
-    state, _ = restore_state(manager, latest, abstract)
+    state, _, _ = restore_good_state(manager, abstract)  # reads only: nothing renamed
   finally:
     manager.close()
   return state
@@ -332,6 +332,46 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
   return restored["state"], restored["data"]
 
 
+def all_finite(tree: PyTree) -> bool:
+  """Whether every floating-point leaf of ``tree`` is finite (a restored state whose bytes
+  were damaged can load without an error but hold NaN or inf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def restore_good_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
+                       set_aside: bool = False):
+  """The newest checkpoint that reads back whole and finite: ``(state, data_state, step)``.
+  An unreadable or non-finite one is skipped with a warning naming it and the step used
+  instead; with ``set_aside`` (training, which will save again) it is renamed to
+  ``<step>.unreadable`` so its step can be written anew, never deleted. A checkpoint of
+  another config (a shape mismatch) is an error, not damage."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  bad = []
+  for step in steps:
+    try:
+      state, data_state = restore_state(manager, step, abstract_state)
+      problem = None if all_finite(state) else "holds non-finite values"
+    except ValueError as e:
+      if "does not match the model" in str(e):
+        raise
+      problem = f"cannot be read ({type(e).__name__}: {e})"
+    except Exception as e:  # pylint: disable=broad-except  # TensorStore, JSON, OS errors
+      problem = f"cannot be read ({type(e).__name__}: {e})"
+    if problem is None:
+      if bad:
+        logging.warning("%s: using checkpoint step %d instead of the newest, step %d",
+                        manager.directory, step, bad[0])
+      return state, data_state, step
+    logging.warning("checkpoint %s/%d %s", manager.directory, step, problem)
+    bad.append(step)
+    if set_aside and jax.process_index() == 0:
+      path = os.path.join(str(manager.directory), str(step))
+      os.replace(path, path + ".unreadable")
+  raise RuntimeError(f"no checkpoint in {manager.directory} reads back whole and finite "
+                     f"(steps tried: {bad}); see the warnings above for each")
+
+
 def save_state(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> None:
   check_finite(state, manager)
   manager.save(int(state.step), args=ocp.args.Composite(
@@ -415,7 +455,8 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
             state.params, state.model_state, example, data_init_key))
     logging.info("%s: starting a new run in %s", task.name, stage_dir)
   else:
-    state, data_state = restore_state(manager, latest, abstract)
+    state, data_state, latest = restore_good_state(manager, abstract, set_aside=True)
+    manager.reload()  # steps set aside are no longer the manager's
     train_iter.set_state(data_state)
     logging.info("%s: resumed from step %d in %s", task.name, latest, stage_dir)
 
