@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resgen_jax import config_checks
 from resgen_jax.codec import rvq
 from resgen_jax.generator.model import (RESIDUAL_AXES, adaln_mlp, adaln_modulation, adaln_norm,
                                         block_class, modulate)
@@ -251,15 +252,9 @@ class RQTransformerTask(TokenTask):
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
                num_positions: int, depth: int, num_classes: int):
     m = cfg.model
-    if m.num_layers < 1:
-      raise ValueError(f"generator.model.num_layers must be >= 1, got {m.num_layers}")
+    config_checks.check_generator_model(cfg)
     if cfg.rq.depth_layers < 1:
       raise ValueError(f"generator.rq.depth_layers must be >= 1, got {cfg.rq.depth_layers}")
-    if m.num_heads < 1 or m.width % m.num_heads:
-      raise ValueError(f"generator.model.width ({m.width}) must be a multiple of "
-                       f"generator.model.num_heads ({m.num_heads})")
-    if not 0.0 <= m.dropout < 1.0:
-      raise ValueError(f"generator.model.dropout must be in [0, 1), got {m.dropout}")
     if m.scan_layers:
       raise ValueError("generator.model.scan_layers is not supported by the rq_transformer "
                        "family (its key/value caches are per block); set it to False")
