@@ -285,8 +285,7 @@ def run_encode(config, workdir: str, mesh) -> None:
           "tokenizer_step": int(state.step), "image_size": config.data.image_size,
           "process_count": jax.process_count(),
           "data": {split: data_lib.fingerprint(config.data, split) for split in passes}}
-  if os.path.exists(token_cache.meta_path(workdir)):
-    check_token_data(config, workdir, meta["data"])
+  check_token_data(config, workdir, meta["data"])
   if token_cache.is_cached(workdir, tuple(passes), meta):
     logging.info("tokens already cached in %s", os.path.join(workdir, token_cache.TOKENS_DIR))
     return
@@ -379,9 +378,7 @@ def run_generator(config, workdir: str, mesh) -> None:
       gcfg.batch_size, config.seed, pid, count)
   eval_source = token_cache.token_source(workdir, config.data.eval_split, classes,
                                          task.depth)
-  every = config.evaluation.proxy_every
-  if every < 0:
-    raise ValueError(f"evaluation.proxy_every must be >= 0 (0: off), got {every}")
+  every = config.evaluation.proxy_every  # >= 0, checked at start-up (config_checks)
   hooks = ((every, make_fid_proxy(config, workdir, mesh, task)),) if every else ()
   result = trainer.train_and_evaluate(
       task, gcfg, workdir, train_iter,

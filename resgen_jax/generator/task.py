@@ -260,11 +260,11 @@ class GeneratorTask(TokenTask):
     best = best[..., 0, :] * model_state["target_rms"][hidden][..., None]
     proposed = rvq.quantize(best, constants["codebooks"], depth=self.depth,
                             start_depth=self.depth - hidden).codes
-    hit = (proposed == codes) & masking.hidden_mask(hidden, self.depth) & valid[..., None]
+    slots = masking.hidden_mask(hidden, self.depth) & valid[..., None]
+    hit = (proposed == codes) & slots
     first = jnp.arange(self.depth) == (self.depth - hidden)[..., None]  # [B, L, D]
     by_k = (hidden[..., None] == jnp.arange(1, self.depth + 1)) & valid[..., None]
     first_hit = jnp.sum(hit & first, axis=-1)  # [B, L]: 0/1
-    slots = masking.hidden_mask(hidden, self.depth) & valid[..., None]
     return {"first_hit": jnp.sum(by_k * first_hit[..., None], axis=(0, 1)),
             "first_count": jnp.sum(by_k, axis=(0, 1)),
             "depth_hit": jnp.sum(hit, axis=(0, 1)), "depth_count": jnp.sum(slots, axis=(0, 1))}

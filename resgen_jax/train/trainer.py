@@ -268,6 +268,10 @@ class PreemptionWatcher:
       self._previous = None
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint written by another config: an error to report, not damage to skip."""
+
+
 def latest_checkpoint_step(stage_dir: str) -> Optional[int]:
   """The step of the newest finished checkpoint of a stage (orbax names each by its step;
   saves in progress carry a suffix), or None; reads the folder only, restores nothing."""
@@ -324,7 +328,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
   """
   mismatch = checkpoint_mismatch(manager.item_metadata(step)["state"].tree, abstract_state)
   if mismatch:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"the checkpoint {manager.directory}/{step} does not match the model this config "
         f"builds (was it written by another config?): {mismatch}")
   restored = manager.restore(step, args=ocp.args.Composite(
@@ -352,10 +356,8 @@ def restore_good_state(manager: ocp.CheckpointManager, abstract_state: TrainStat
     try:
       state, data_state = restore_state(manager, step, abstract_state)
       problem = None if all_finite(state) else "holds non-finite values"
-    except ValueError as e:
-      if "does not match the model" in str(e):
-        raise
-      problem = f"cannot be read ({type(e).__name__}: {e})"
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except  # TensorStore, JSON, OS errors
       problem = f"cannot be read ({type(e).__name__}: {e})"
     if problem is None:
