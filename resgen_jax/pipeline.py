@@ -95,9 +95,10 @@ def config_differences(saved: dict, current: dict) -> list:
 STAGE_SECTIONS = ("tokenizer", "generator")
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config
-  (the fields of a stage without checkpoints yet may change)."""
+  (the fields of a stage without checkpoints yet may change). Returns whether the file was
+  created (there was none)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = config.to_dict()
   resolved = json.loads(config.to_json())
@@ -114,9 +115,11 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"resuming would mix incompatible checkpoints. Use a new --workdir, or the "
           f"config in {path}.")
     if saved == resolved:  # unchanged: not rewritten (a read-only workdir can be sampled)
-      return
+      return False
+  created = not os.path.exists(path)
   if jax.process_index() == 0:
     files.save_json(path, resolved)
+  return created
 
 
 # ----------------------------------------------------------------------------------------
@@ -684,6 +687,21 @@ def _evaluate_with_inception(config, workdir: str, samples: str) -> dict:
   return report
 
 
+def check_evaluation_data(config) -> None:
+  """At start-up, before anything trains: the held-out split the evaluation scores against
+  has more images than the k of the precision/recall metrics (a random-access source: its
+  size is known without a pass; streamed ones are checked when read)."""
+  if (config.data.name in data_lib.sources.STREAMING_SOURCES
+      or (config.evaluation.extractor == "inception" and config.evaluation.reference_stats)):
+    return
+  count = data_lib.load_source(config.data, config.data.eval_split).num_examples
+  if count <= metrics_lib.PR_NEIGHBOURS:
+    raise ValueError(
+        f"the held-out split {config.data.eval_split!r} of data.name={config.data.name!r} "
+        f"has {count} images: the evaluation's precision/recall need more than "
+        f"k = {metrics_lib.PR_NEIGHBOURS}")
+
+
 def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
   """``state -> {"fid_proxy": d}``: the Frechet distance between ``evaluation.proxy_samples``
   images sampled from the generator ``state`` (``config.sampler`` settings, classes in
@@ -731,12 +749,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
     raise ValueError(f"unknown stages {unknown} for a {kind} config (data.name="
                      f"{config.data.name!r}); known: {sorted(table)}")
   config_checks.check_config(config, stages)  # before anything is written or trained
+  if "evaluate" in stages and table is STAGES:
+    check_evaluation_data(config)
   if "generator" in stages and config.generator.family not in FAMILIES:
     raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got "
                      f"{config.generator.family!r}")
   os.makedirs(workdir, exist_ok=True)
-  write_run_config(config, workdir)
+  created = write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
-  for stage in stages:
-    logging.info("stage %s", stage)
-    table[stage](config, workdir, mesh)
+  try:
+    for stage in stages:
+      logging.info("stage %s", stage)
+      table[stage](config, workdir, mesh)
+  except trainer.CheckpointMismatchError:
+    # A workdir without config.json whose checkpoints another config wrote: the refused
+    # run must not leave its own config.json, which would then refuse the right one.
+    if created and jax.process_index() == 0:
+      os.remove(os.path.join(workdir, CONFIG_FILE))
+    raise

@@ -361,6 +361,22 @@ def test_workdir_of_another_config_is_refused(trained):
     pipeline.run(config, trained)
 
 
+def test_a_refused_run_without_config_json_writes_none(trained, tmp_path):
+  """config.json moved away: a run of another width is refused by the checkpoint check and
+  leaves no config.json of its own, so the original config still runs there."""
+  run_dir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(trained, "tokenizer"), os.path.join(run_dir, "tokenizer"))
+  other = trained_config()
+  other.tokenizer.model.latent_dim = 8
+  with pytest.raises(trainer.CheckpointMismatchError, match="does not match the model"):
+    pipeline.run(other, run_dir, stages=("tokenizer",))
+  assert not os.path.exists(os.path.join(run_dir, pipeline.CONFIG_FILE))
+  pipeline.run(trained_config(), run_dir, stages=("tokenizer",))
+  with open(os.path.join(run_dir, pipeline.CONFIG_FILE)) as f:
+    assert json.load(f)["tokenizer"]["model"]["latent_dim"] == \
+        trained_config().tokenizer.model.latent_dim
+
+
 def set_field(config, dotted: str, value):
   *parents, name = dotted.split(".")
   for part in parents:
@@ -382,15 +398,34 @@ def set_field(config, dotted: str, value):
     ("generator.model.num_heads", 3, "width \\(32\\) must be a multiple of"),
     ("generator.model.num_layers", 0, "generator.model.num_layers must be >= 1"),
     ("sampler.cfg_scale", -1.0, "sampler.cfg_scale must be >= 0"),
+    ("sampler.samples_per_class", 0, "samples_per_class and sampler.batch_size must be >= 1"),
+    ("data.num_classes", 1, "x data.num_classes \\(1\\) = 2 samples"),
+    ("evaluation.proxy_samples", 1, "evaluation.proxy_samples must be >= 2"),
 ])
 def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
   config = tiny_config(num_steps=4)
   config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
+  config.evaluation.proxy_every = 2
   set_field(config, field, value)
   with pytest.raises(ValueError, match=message):
     pipeline.run(config, str(tmp_path))
   # A refused start leaves no checkpoint behind.
   assert not os.path.exists(os.path.join(tmp_path, "tokenizer", trainer.CHECKPOINT_DIR, "0"))
+
+
+def test_a_held_out_split_too_small_for_the_knn_metrics_is_refused_at_start_up(tmp_path):
+  rng = np.random.default_rng(0)
+  for name, count in (("train.npz", 40), ("test.npz", 3)):
+    np.savez(tmp_path / name, images=rng.integers(0, 256, (count, 16, 16, 1), np.uint8),
+             labels=np.arange(count) % 10)
+  config = tiny_config(num_steps=4)
+  config.data.update(name="npz", path=str(tmp_path / "train.npz"),
+                     eval_path=str(tmp_path / "test.npz"))
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="held-out split 'test'.*has 3 images.*k = 3"):
+    pipeline.run(config, str(workdir))
+  assert not os.path.exists(workdir / "tokenizer")  # refused before any stage ran
 
 
 def test_command_line_overrides_and_config_json(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,47 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_pat
   manager = trainer.checkpoint_manager(str(tmp_path / "linear"), cfg)
   assert manager.latest_step() == 2
   manager.close()
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, mesh,
+                                                                 monkeypatch):
+  """The async save at step 4 fails in orbax's thread (a write limit): the run stops with
+  one CheckpointSaveError at the next step instead of training on, and a rerun resumes
+  from step 2 and ends where an uninterrupted run ends."""
+  import threading
+  import orbax.checkpoint as ocp
+  cfg = train_cfg(checkpoint_every=2, num_steps=8)
+  full = run(tmp_path / "full", mesh, cfg=cfg)
+  failed = threading.Event()
+  write = ocp.JsonCheckpointHandler._save_fn
+
+  async def write_limited(self, item, directory):
+    if f"{os.sep}4." in str(directory):
+      try:
+        raise OSError(27, "File too large", str(directory))
+      finally:
+        failed.set()
+    return await write(self, item, directory)
+
+  def after_failure(n):  # step 5's batch: the failed save has finished failing
+    if n == 4:
+      assert failed.wait(30)
+      for thread in threading.enumerate():  # polled: orbax's join re-raises the error
+        while "save_finalize" in thread.name and thread.is_alive():
+          time.sleep(0.01)
+
+  drawn = []
+  it = ToyIterator(on_batch=lambda n: (drawn.append(n), after_failure(n)))
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", write_limited)
+  with pytest.raises(trainer.CheckpointSaveError,
+                     match="File too large.*stopped at step 5.*newest complete checkpoint "
+                           "is step 2"):
+    run(tmp_path / "cut", mesh, cfg=cfg, it=it)
+  assert max(drawn) == 4  # nothing trained past the step after the failure
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", write)
+  resumed = run(tmp_path / "cut", mesh, cfg=cfg)
+  assert resumed.finished and int(resumed.state.step) == 8
+  assert_same_state(full.state, resumed.state)
 
 
 def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, mesh):

@@ -11,6 +11,7 @@ checkpoint stays good).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -272,6 +273,10 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint written by another config: an error to report, not damage to skip."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save that failed (in orbax's background thread when async)."""
+
+
 def latest_checkpoint_step(stage_dir: str) -> Optional[int]:
   """The step of the newest finished checkpoint of a stage (orbax names each by its step;
   saves in progress carry a suffix), or None; reads the folder only, restores nothing."""
@@ -375,9 +380,39 @@ def restore_good_state(manager: ocp.CheckpointManager, abstract_state: TrainStat
 
 
 def save_state(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> None:
+  """Saves a finite ``state`` at its step (a non-finite one stops the run: see
+  :func:`check_finite`); a failed save is a :class:`CheckpointSaveError`."""
   check_finite(state, manager)
-  manager.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+  with save_errors(manager, int(state.step)):  # an async save first waits for the last one
+    manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+
+@contextlib.contextmanager
+def save_errors(manager: ocp.CheckpointManager, step: int):
+  """Turns an error of a checkpoint save (raised in ``with``; for async saves, the error
+  of an earlier save, surfaced by waiting or checking) into :class:`CheckpointSaveError`
+  naming the newest complete checkpoint; the failed save's temporary folder is orbax's to
+  clean up on the next start."""
+  try:
+    yield
+  except CheckpointSaveError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # whatever the writer raised
+    done = latest_checkpoint_step(os.path.dirname(str(manager.directory)))
+    raise CheckpointSaveError(
+        f"saving a checkpoint in {manager.directory} failed ({type(e).__name__}: {e}); "
+        f"the run stopped at step {step}; the newest complete checkpoint is step {done}, "
+        f"and a rerun resumes from it") from e
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int) -> None:
+  """Raises :class:`CheckpointSaveError` at once if a background save has failed (disk
+  full, a write limit), instead of training on and losing the progress since."""
+  with save_errors(manager, step):
+    manager.check_for_errors()
+    if not manager.is_saving_in_progress():  # a finished save: returns, or raises its error
+      manager.wait_until_finished()
 
 
 def check_finite(state: TrainState, manager: ocp.CheckpointManager) -> None:
@@ -426,11 +461,21 @@ def train_and_evaluate(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
   os.makedirs(stage_dir, exist_ok=True)
   manager = checkpoint_manager(stage_dir, cfg)
   try:
-    return _train_with_manager(task, cfg, workdir, stage_dir, manager, train_iter,
-                               eval_batches, mesh, seed, rules, hooks)
-  finally:  # on every path, errors included: pending saves land and orbax's threads stop
+    result = _train_with_manager(task, cfg, workdir, stage_dir, manager, train_iter,
+                                 eval_batches, mesh, seed, rules, hooks)
+  except BaseException:
+    # Pending saves land and orbax's threads stop; a second error from them (the same
+    # failed save) must not hide the one that stopped the run.
+    try:
+      manager.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("%s: closing the checkpoint manager failed too", task.name)
+    raise
+  with save_errors(manager, int(result.state.step)):  # the last save, when async, too
     manager.wait_until_finished()
-    manager.close()
+    manager.check_for_errors()
+  manager.close()
+  return result
 
 
 def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
@@ -484,6 +529,7 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
   interval_start, interval_step = time.time(), start
   try:
     for step in range(start, cfg.num_steps):
+      check_saves(manager, step)  # a failed background save stops the run at once
       batch = mesh_lib.global_batch(next(train_iter), mesh)
       with rules.activations(mesh):  # activation layout, applied when the step is traced
         state, metrics = train_step(state, constants, batch, step_key)
