@@ -116,11 +116,12 @@ def test_preempted_then_resumed_equals_uninterrupted(tmp_path, mesh):
   assert_same_state(full.state, again.state)
 
 
+@pytest.mark.parametrize("damaged", ["chunks", "metadata"])
 def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_ends_the_same(tmp_path, mesh,
-                                                                          caplog):
-  """The newest checkpoint's chunks truncated: the run resumes from the one before (a
-  warning names both), keeps the damaged one as <step>.unreadable, and ends where an
-  uninterrupted run ends."""
+                                                                          caplog, damaged):
+  """The newest checkpoint's chunks (or its array metadata file) truncated: the run resumes
+  from the one before (a warning names both, and the damaged file), keeps the damaged one
+  as <step>.unreadable, and ends where an uninterrupted run ends."""
   cfg = train_cfg(checkpoint_every=2)
   full = run(tmp_path / "full", mesh, cfg=cfg)
   it = ToyIterator(on_batch=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
@@ -129,13 +130,17 @@ def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_ends_the_same(tmp_pa
   assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
   for directory, _, names in os.walk(ckpt_dir / "4"):
     for name in names:
-      if os.path.basename(directory) == "d":
+      if (os.path.basename(directory) == "d" if damaged == "chunks"
+          else name == trainer.METADATA_FILE):
         path = os.path.join(directory, name)
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
   with caplog.at_level("WARNING"):
     resumed = run(tmp_path / "cut", mesh, cfg=cfg)
   assert "/4 cannot be read" in caplog.text
+  if damaged == "metadata":
+    assert f"metadata file {ckpt_dir}/4/state/{trainer.METADATA_FILE} is damaged" \
+        in caplog.text
   assert "using checkpoint step 2 instead of the newest, step 4" in caplog.text
   assert resumed.finished and int(resumed.state.step) == 6
   assert_same_state(full.state, resumed.state)

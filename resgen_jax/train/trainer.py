@@ -269,6 +269,9 @@ class PreemptionWatcher:
       self._previous = None
 
 
+METADATA_FILE = "_METADATA"  # orbax's array metadata of a checkpoint item
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint written by another config: an error to report, not damage to skip."""
 
@@ -331,7 +334,13 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
   another config (other shapes, dtypes or structure) is a ValueError naming the checkpoint
   and the first difference, and nothing is read.
   """
-  mismatch = checkpoint_mismatch(manager.item_metadata(step)["state"].tree, abstract_state)
+  try:
+    metadata = manager.item_metadata(step)["state"].tree
+  except ValueError as e:  # JSONDecodeError included: a truncated or damaged file
+    path = os.path.join(str(manager.directory), str(step), "state", METADATA_FILE)
+    raise ValueError(f"the checkpoint's metadata file {path} is damaged "
+                     f"({type(e).__name__}: {e})") from e
+  mismatch = checkpoint_mismatch(metadata, abstract_state)
   if mismatch:
     raise CheckpointMismatchError(
         f"the checkpoint {manager.directory}/{step} does not match the model this config "
