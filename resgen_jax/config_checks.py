@@ -57,9 +57,23 @@ def check_generator_model(cfg: ml_collections.ConfigDict) -> None:
                      f"{cfg.token_depth}")
 
 
+def check_sample_counts(scfg: ml_collections.ConfigDict) -> None:
+  """The image sample stage's counts (``sampler``)."""
+  if scfg.samples_per_class < 1 or scfg.batch_size < 1:
+    raise ValueError(f"sampler.samples_per_class and sampler.batch_size must be >= 1, got "
+                     f"{scfg.samples_per_class} and {scfg.batch_size}")
+
+
+def check_proxy_samples(count: int) -> None:
+  """``evaluation.proxy_samples``: a Frechet distance needs a covariance."""
+  if count < 2:
+    raise ValueError(f"evaluation.proxy_samples must be >= 2 (a Frechet distance needs a "
+                     f"covariance), got {count}")
+
+
 def check_image_evaluation(config: ml_collections.ConfigDict) -> None:
   """The image sample set is large enough for the k-NN metrics (precision/recall need more
-  than ``PR_NEIGHBOURS`` samples), and the proxy for a Frechet distance (two or more)."""
+  than ``PR_NEIGHBOURS`` samples)."""
   count = config.data.num_classes * config.sampler.samples_per_class
   if count <= metrics.PR_NEIGHBOURS:
     raise ValueError(
@@ -79,15 +93,11 @@ def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> No
     if config.evaluation.proxy_every < 0:
       raise ValueError(f"evaluation.proxy_every must be >= 0 (0: off), got "
                        f"{config.evaluation.proxy_every}")
-    if config.evaluation.proxy_every and config.evaluation.proxy_samples < 2:
-      raise ValueError(f"evaluation.proxy_samples must be >= 2 (a Frechet distance needs a "
-                       f"covariance), got {config.evaluation.proxy_samples}")
+    if config.evaluation.proxy_every:
+      check_proxy_samples(config.evaluation.proxy_samples)
   image = config.data.name not in corpus.SPEECH_SOURCES
   if image and ("sample" in stages or "evaluate" in stages):
-    scfg = config.sampler
-    if scfg.samples_per_class < 1 or scfg.batch_size < 1:
-      raise ValueError(f"sampler.samples_per_class and sampler.batch_size must be >= 1, got "
-                       f"{scfg.samples_per_class} and {scfg.batch_size}")
+    check_sample_counts(config.sampler)
   if image and "evaluate" in stages:
     check_image_evaluation(config)
   if any(s in stages for s in SAMPLING_STAGES) or (

@@ -516,9 +516,7 @@ def run_sample(config, workdir: str, mesh) -> str:
     check_sample_provenance(path, workdir)
     logging.info("samples exist: %s", path)
     return path
-  if scfg.samples_per_class < 1 or scfg.batch_size < 1:
-    raise ValueError(f"sampler.samples_per_class and sampler.batch_size must be >= 1, got "
-                     f"{scfg.samples_per_class} and {scfg.batch_size}")
+  config_checks.check_sample_counts(scfg)  # also checked at start-up; callers may skip run
   tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
   gen_task, gen_state = load_generator(config, workdir, mesh)
   sample = compiled_image_sampler(config, tok_task, tok_state, gen_task, gen_state, mesh)
@@ -709,8 +707,7 @@ def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
   ``evaluation.extractor``. Samples go from the sampler to the extractor batch by batch.
   Compiles on its first call."""
   count = config.evaluation.proxy_samples
-  if count < 2:
-    raise ValueError(f"evaluation.proxy_samples must be >= 2 (a covariance), got {count}")
+  config_checks.check_proxy_samples(count)
   tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
   extractor = feature_extractor(config, workdir)
   reference = features_lib.Reference.from_features(heldout_features(config, extractor)[0])
