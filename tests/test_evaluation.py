@@ -1,9 +1,12 @@
 """Tests of resgen_jax.evaluation: Frechet distance math and the digits classifier."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 import scipy.linalg
+from flax import serialization
 
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
@@ -300,3 +303,38 @@ def test_get_or_train_classifier(trained, tmp_path, monkeypatch):
   config.image_size = 32
   with pytest.raises(ValueError, match="saved.msgpack.*remove"):
     classifier.get_or_train_classifier(saved, config, NUM_CLASSES)
+
+
+def test_flatten_pool_keeps_positions(digits, tmp_path):
+  (images, labels), (test_images, _) = digits
+  params = classifier.train_classifier(images, labels, NUM_CLASSES, num_steps=3, pool="flatten")
+  # 16x16 ends at 4x4x64 before the features layer: flatten feeds all 1024 values.
+  assert params["features"]["kernel"].shape == (4 * 4 * classifier.CONV_WIDTHS[-1],
+                                                classifier.FEATURE_DIM)
+  logits, features = classifier.predict(params, NUM_CLASSES, test_images[:5], pool="flatten")
+  want_logits, want_features = classifier.Classifier(NUM_CLASSES, "flatten").apply(
+      {"params": params}, test_images[:5])
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features, want_features, rtol=1e-5, atol=1e-5)
+  path = str(tmp_path / "flatten.msgpack")
+  classifier.save_classifier(path, params, NUM_CLASSES, (16, 16, 1), pool="flatten")
+  assert classifier.load_classifier(path)[1]["pool"] == "flatten"
+  config = config_base.base_config().data
+  with pytest.raises(ValueError, match="flatten.msgpack.*pool='flatten'.*pool='mean'"):
+    classifier.get_or_train_classifier(path, config, NUM_CLASSES, pool="mean")
+  with pytest.raises(ValueError, match="pool must be one of"):
+    classifier.train_classifier(images, labels, NUM_CLASSES, num_steps=1, pool="max")
+
+
+def test_version_1_files_read_as_mean_pool(trained, digits, tmp_path):
+  """Classifiers saved before ``pool`` existed keep loading (and scoring) as they were."""
+  _, (test_images, _) = digits
+  meta = dict(format=classifier.FILE_FORMAT, version=1, num_classes=NUM_CLASSES,
+              image_shape=[16, 16, 1], feature_dim=classifier.FEATURE_DIM)
+  path = tmp_path / "v1.msgpack"
+  path.write_bytes(serialization.to_bytes({"meta": json.dumps(meta),
+                                           "params": jax.device_get(trained)}))
+  params, loaded = classifier.load_classifier(str(path))
+  assert loaded["pool"] == "mean"
+  np.testing.assert_array_equal(classifier.predict(params, NUM_CLASSES, test_images[:8])[0],
+                                classifier.predict(trained, NUM_CLASSES, test_images[:8])[0])

@@ -10,7 +10,8 @@ for images generated for requested classes (:class:`ClassifierEvaluator`):
 
 File format (:func:`save_classifier`): one msgpack file (flax serialization, no pickle) of a
 map with ``meta``, a JSON string (format name and version, ``num_classes``, ``image_shape``
-``[H, W, C]``, ``feature_dim``), and ``params``, the parameter tree.
+``[H, W, C]``, ``feature_dim``, ``pool``), and ``params``, the parameter tree. Version 1
+files (before ``pool``) are read as ``pool="mean"``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ FEATURE_DIM = 64
 CONV_WIDTHS = (32, 64, 64)  # output channels of the three 3x3 convolutions
 CONV_STRIDES = (1, 2, 2)  # 16x16 inputs end at 4x4 before global average pooling
 
+# How the last feature map becomes the features: "mean" (global average pooling; position-
+# blind, enough for the 16x16 digits) or "flatten" (every position's channels into the
+# features layer). On MNIST (28x28, seed 0) "mean" reaches 0.960 held-out accuracy after
+# 3000 steps, below the >= 0.98 a scorer of generated digits needs; "flatten" (the classic
+# convolutional digit classifier: the features keep where the strokes are) reaches 0.991 after
+# 1500 steps and 0.992 after 3000.
+POOLS = ("mean", "flatten")
+
 # Training defaults: 96.5-98% held-out accuracy on digits over seeds 0-3 (400 steps gave
 # only ~95%) in about ten seconds on two CPU cores (34 epochs of its 1,500 training images).
 NUM_STEPS = 800
@@ -49,7 +58,8 @@ WEIGHT_DECAY = 1e-4
 PREDICT_BATCH_SIZE = 256
 
 FILE_FORMAT = "resgen_jax.evaluation.classifier"  # the meta of every file save_classifier writes
-FILE_VERSION = 1
+FILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no "pool" in the meta, always "mean"
 
 
 class Classifier(nn.Module):
@@ -57,15 +67,18 @@ class Classifier(nn.Module):
 
   Attributes:
     num_classes: K, the number of classes.
+    pool: one of POOLS, how the last feature map ``[B, h, w, c]`` becomes the input of the
+      features layer.
   """
   num_classes: int
+  pool: str = "mean"
 
   @nn.compact
   def __call__(self, images):
     x = images_lib.to_float(images)
     for i, (width, stride) in enumerate(zip(CONV_WIDTHS, CONV_STRIDES)):
       x = nn.relu(nn.Conv(width, (3, 3), strides=stride, name=f"conv{i}")(x))
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(x, axis=(1, 2)) if self.pool == "mean" else x.reshape(x.shape[0], -1)
     features = nn.relu(nn.Dense(FEATURE_DIM, name="features")(x))
     return nn.Dense(self.num_classes, name="logits")(features), features
 
@@ -100,6 +113,12 @@ def batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
     order = order[batch_size:]
 
 
+def check_pool(pool: str) -> str:
+  if pool not in POOLS:
+    raise ValueError(f"classifier pool must be one of {POOLS}, got {pool!r}")
+  return pool
+
+
 def _make_train_step(model: Classifier, optimizer: optax.GradientTransformation):
   """-> jitted ``(params, opt_state, images, labels) -> (params, opt_state)``."""
 
@@ -119,7 +138,7 @@ def _make_train_step(model: Classifier, optimizer: optax.GradientTransformation)
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
                      num_steps: int = NUM_STEPS, batch_size: int = BATCH_SIZE,
                      learning_rate: float = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY,
-                     seed: int = 0):
+                     seed: int = 0, pool: str = "mean"):
   """Trains a :class:`Classifier` with AdamW (cosine-decayed rate) on cross entropy.
 
   Args:
@@ -129,6 +148,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     num_steps, batch_size, learning_rate, weight_decay: the optimisation.
     seed: seeds the initialisation and the (numpy) batch order; equal seeds give equal
       parameters.
+    pool: see :class:`Classifier`.
   Returns:
     The parameter tree (the ``params`` collection).
   """
@@ -136,7 +156,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   labels = _check_labels(labels, num_classes, images.shape[0], "labels")
   if images.shape[0] == 0:
     raise ValueError("cannot train a classifier on 0 images")
-  model = Classifier(num_classes)
+  model = Classifier(num_classes, check_pool(pool))
   params = model.init(jax.random.PRNGKey(seed), images[:1])["params"]
   optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps),
                           weight_decay=weight_decay)
@@ -148,14 +168,16 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   return params
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
-def _forward(params, images, num_classes: int):
-  return Classifier(num_classes).apply({"params": params}, images)
+@functools.partial(jax.jit, static_argnames=("num_classes", "pool"))
+def _forward(params, images, num_classes: int, pool: str):
+  return Classifier(num_classes, pool).apply({"params": params}, images)
 
 
 def predict(params, num_classes: int, images: np.ndarray,
-            batch_size: int = PREDICT_BATCH_SIZE) -> Tuple[np.ndarray, np.ndarray]:
-  """uint8 ``[N, H, W, C]`` -> numpy (logits ``[N, K]``, features ``[N, FEATURE_DIM]``).
+            batch_size: int = PREDICT_BATCH_SIZE,
+            pool: str = "mean") -> Tuple[np.ndarray, np.ndarray]:
+  """uint8 ``[N, H, W, C]`` -> numpy (logits ``[N, K]``, features ``[N, FEATURE_DIM]``) of
+  the :class:`Classifier` with ``params`` and ``pool``.
 
   Runs in batches of ``min(batch_size, N)``, the last one zero-padded, so one compilation
   serves every batch.
@@ -168,16 +190,18 @@ def predict(params, num_classes: int, images: np.ndarray,
   for start in range(0, count, size):
     batch = images[start:start + size]
     padded = np.pad(batch, ((0, size - batch.shape[0]),) + ((0, 0),) * 3)
-    batch_logits, batch_features = _forward(params, padded, num_classes)
+    batch_logits, batch_features = _forward(params, padded, num_classes, pool)
     logits[start:start + size] = np.asarray(batch_logits)[:batch.shape[0]]
     features[start:start + size] = np.asarray(batch_features)[:batch.shape[0]]
   return logits, features
 
 
-def save_classifier(path: str, params, num_classes: int, image_shape: Sequence[int]) -> None:
+def save_classifier(path: str, params, num_classes: int, image_shape: Sequence[int],
+                    pool: str = "mean") -> None:
   """Writes the parameters and their metadata atomically to ``path`` (msgpack, no pickle)."""
   meta = dict(format=FILE_FORMAT, version=FILE_VERSION, num_classes=int(num_classes),
-              image_shape=[int(d) for d in image_shape], feature_dim=FEATURE_DIM)
+              image_shape=[int(d) for d in image_shape], feature_dim=FEATURE_DIM,
+              pool=check_pool(pool))
   files.save_bytes(path, serialization.to_bytes(
       {"meta": json.dumps(meta, sort_keys=True), "params": jax.device_get(params)}))
 
@@ -192,19 +216,20 @@ def _check_params(path: str, params, meta: dict) -> None:
   """Raises a ValueError unless ``params`` fit a :class:`Classifier` described by ``meta``."""
   if not isinstance(params, dict):
     raise ValueError(f"{path}: parameters are a {type(params).__name__}, not a tree of arrays")
-  model = Classifier(meta["num_classes"])
+  model = Classifier(meta["num_classes"], meta["pool"])
   dummy = jnp.zeros((1,) + tuple(meta["image_shape"]), jnp.uint8)
   expected = param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"])
   found = param_shapes(params)
   if found != expected:
     raise ValueError(f"{path}: parameter shapes {found} do not fit a Classifier with "
-                     f"num_classes={meta['num_classes']} on {meta['image_shape']} images, "
+                     f"num_classes={meta['num_classes']}, pool={meta['pool']!r} on "
+                     f"{meta['image_shape']} images, "
                      f"which has {expected}")
 
 
-def read_versioned(path: str, file_format: str, version: int, what: str) -> Tuple[dict, dict]:
+def read_versioned(path: str, file_format: str, version, what: str) -> Tuple[dict, dict]:
   """``(contents, meta)`` of a msgpack file whose ``meta`` JSON names ``file_format`` and
-  ``version``. FileNotFoundError naming the ``what`` for a missing file; other failures
+  ``version`` (an int, or a tuple of the readable ones). FileNotFoundError naming the ``what`` for a missing file; other failures
   (undecodable, missing keys, another format) raise ValueError, TypeError or KeyError for
   the caller to name the file."""
   if not os.path.isfile(path):
@@ -212,21 +237,24 @@ def read_versioned(path: str, file_format: str, version: int, what: str) -> Tupl
   with open(path, "rb") as f:
     contents = serialization.msgpack_restore(f.read())
   meta = json.loads(contents["meta"])
-  if meta["format"] != file_format or meta["version"] != version:
+  versions = version if isinstance(version, tuple) else (version,)
+  if meta["format"] != file_format or meta["version"] not in versions:
     raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
-                     f"{file_format!r} version {version}")
+                     f"{file_format!r} version {' or '.join(map(str, versions))}")
   return contents, meta
 
 
 def load_classifier(path: str) -> Tuple[dict, dict]:
   """Reads a file of :func:`save_classifier` -> (params, meta).
 
-  ``meta`` has ``num_classes``, ``image_shape`` (a tuple ``(H, W, C)``) and ``feature_dim``.
+  ``meta`` has ``num_classes``, ``image_shape`` (a tuple ``(H, W, C)``), ``feature_dim`` and
+  ``pool``.
   Raises FileNotFoundError for a missing file and ValueError for one that is not a
   classifier file; both name ``path``.
   """
   try:
-    contents, meta = read_versioned(path, FILE_FORMAT, FILE_VERSION, "classifier")
+    contents, meta = read_versioned(path, FILE_FORMAT, READABLE_VERSIONS, "classifier")
+    meta.setdefault("pool", "mean")  # version 1
     params = contents["params"]
     meta["image_shape"] = tuple(meta["image_shape"])
     _check_params(path, params, meta)
@@ -237,7 +265,7 @@ def load_classifier(path: str) -> Tuple[dict, dict]:
 
 
 def get_or_train_classifier(path: str, data_config: ml_collections.ConfigDict,
-                            num_classes: int, **train_kwargs):
+                            num_classes: int, pool: str = "mean", **train_kwargs):
   """Loads the classifier at ``path``, or trains one on the training split and saves it there.
 
   Args:
@@ -245,6 +273,7 @@ def get_or_train_classifier(path: str, data_config: ml_collections.ConfigDict,
     data_config: the ``data`` config; its ``train_split`` is the training data, and a saved
       classifier must be for ``image_size x image_size`` images.
     num_classes: K; a saved classifier must have the same.
+    pool: see :class:`Classifier`; a saved classifier must have the same.
     **train_kwargs: passed to :func:`train_classifier` (only when no file exists yet; a
       saved classifier is reused whatever it was trained with).
   Returns:
@@ -253,15 +282,17 @@ def get_or_train_classifier(path: str, data_config: ml_collections.ConfigDict,
   if os.path.exists(path):
     params, meta = load_classifier(path)
     size = data_config.image_size
-    if meta["num_classes"] != num_classes or meta["image_shape"][:2] != (size, size):
+    if (meta["num_classes"] != num_classes or meta["image_shape"][:2] != (size, size)
+        or meta["pool"] != pool):
       raise ValueError(
-          f"{path} holds a classifier for {meta['num_classes']} classes of "
-          f"{meta['image_shape']} images, but this run has {num_classes} classes of "
-          f"{size}x{size} images; remove the file to train a new one")
+          f"{path} holds a classifier (pool={meta['pool']!r}) for {meta['num_classes']} "
+          f"classes of {meta['image_shape']} images, but this run has one (pool={pool!r}) "
+          f"for {num_classes} classes of {size}x{size} images; remove the file to train a "
+          f"new one")
     return params
   images, labels = data_lib.load_all(data_config, data_config.train_split)
-  params = train_classifier(images, labels, num_classes, **train_kwargs)
-  save_classifier(path, params, num_classes, images.shape[1:])
+  params = train_classifier(images, labels, num_classes, pool=pool, **train_kwargs)
+  save_classifier(path, params, num_classes, images.shape[1:], pool)
   return params
 
 
@@ -293,15 +324,16 @@ class ClassifierEvaluator:
     batch_size: images per classifier call.
     extractor: instead of ``params`` (None then), any classifier as a feature extractor
       ``images -> (features [n, F], logits [n, K])``, e.g. a pretrained CIFAR ResNet.
+    pool: the :class:`Classifier` pool of ``params``.
   """
 
   def __init__(self, params, num_classes: int, reference_images: np.ndarray,
                reference_labels: np.ndarray, baseline_images: Optional[np.ndarray] = None,
-               batch_size: int = PREDICT_BATCH_SIZE, extractor=None):
+               batch_size: int = PREDICT_BATCH_SIZE, extractor=None, pool: str = "mean"):
     self.num_classes = num_classes
     reference_images = check_images(reference_images, "reference_images")
     if extractor is None:
-      self._classify = lambda images: predict(params, num_classes, images, batch_size)
+      self._classify = lambda images: predict(params, num_classes, images, batch_size, pool)
       channels = params["conv0"]["kernel"].shape[2]
       if reference_images.shape[-1] != channels:
         raise ValueError(f"reference_images have {reference_images.shape[-1]} channels, the "

@@ -31,12 +31,13 @@ class ClassifierFeatures:
   """The project's classifier as an extractor: penultimate features and class logits."""
 
   def __init__(self, params, num_classes: int,
-               batch_size: int = classifier.PREDICT_BATCH_SIZE):
+               batch_size: int = classifier.PREDICT_BATCH_SIZE, pool: str = "mean"):
     self.params, self.num_classes, self.batch_size = params, num_classes, batch_size
+    self.pool = classifier.check_pool(pool)
 
   def __call__(self, images) -> Tuple[Array, Array]:
     logits, features = classifier.predict(self.params, self.num_classes, images,
-                                          self.batch_size)
+                                          self.batch_size, self.pool)
     return features.astype(np.float64), logits.astype(np.float64)
 
 
