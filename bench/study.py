@@ -92,7 +92,9 @@ def data_config(data: str, workdir: str):
     folder = os.path.join(SHARED_DATA, "mnist")
     config.data.update(name="npz", path=os.path.join(folder, "train.npz"),
                        eval_path=os.path.join(folder, "test.npz"), image_size=28)
-    config.evaluation.classifier_steps = 3000
+    # The flatten classifier: 0.991 held-out accuracy after 1500 steps (mean pooling: 0.960
+    # after 3000), above the >= 0.98 a scorer of generated digits needs.
+    config.evaluation.update(classifier_pool="flatten", classifier_steps=1500)
   elif data == "cifar10":
     root = extract_cifar(os.path.join(workdir, data))
     config.data.update(name="folder", path=os.path.join(root, "train"),

@@ -258,6 +258,9 @@ def base_config() -> ml_collections.ConfigDict:
           # "resnet" (a pretrained CIFAR ResNet from resnet_weights: an independent scorer)
           extractor="classifier",
           classifier_steps=800,  # training steps of that classifier (once per workdir)
+          # how its last feature map becomes the features: "mean" (global average pooling)
+          # or "flatten" (evaluation/classifier.py: "mean" stays below 0.98 on MNIST)
+          classifier_pool="mean",
           inception_weights="",  # .npz of the FID Inception (evaluation/inception.py)
           resnet_weights="",  # .npz state dict of a CIFAR ResNet (evaluation/resnet.py)
           reference_stats="",  # .npz with mu, sigma[, activations]; "" = data.eval_split
@@ -286,3 +289,24 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def _typed_like(value, like):
+  """A value read back from JSON in the type of the field it fills: lists where the
+  config has tuples (or no field) become tuples, nested ones too; sections are rebuilt
+  field by field."""
+  if isinstance(value, dict):
+    section = like if isinstance(like, ml_collections.ConfigDict) else ml_collections.ConfigDict()
+    for key, item in value.items():
+      section[key] = _typed_like(item, section.get(key))
+    return section
+  if isinstance(value, list) and (like is None or isinstance(like, tuple)):
+    return tuple(_typed_like(item, None) for item in value)
+  return value
+
+
+def config_from_json(saved: dict) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` (written by the pipeline) back as the config it came from:
+  the base config with every saved value in place, in the field's type. Fields a newer
+  version added keep their defaults."""
+  return _typed_like(saved, base_config())

@@ -13,7 +13,7 @@ from typing import Iterable
 import ml_collections
 
 from resgen_jax.audio import corpus
-from resgen_jax.evaluation import metrics
+from resgen_jax.evaluation import classifier, metrics
 from resgen_jax.generator import sampler
 
 TRAINED_STAGES = {"tokenizer": "tokenizer", "generator": "generator"}  # stage -> section
@@ -72,8 +72,11 @@ def check_proxy_samples(count: int) -> None:
 
 
 def check_image_evaluation(config: ml_collections.ConfigDict) -> None:
-  """The image sample set is large enough for the k-NN metrics (precision/recall need more
-  than ``PR_NEIGHBOURS`` samples)."""
+  """The image evaluation's classifier pool is known, and the sample set is large enough
+  for the k-NN metrics (precision/recall need more than ``PR_NEIGHBOURS`` samples)."""
+  if config.evaluation.classifier_pool not in classifier.POOLS:
+    raise ValueError(f"evaluation.classifier_pool must be one of {classifier.POOLS}, got "
+                     f"{config.evaluation.classifier_pool!r}")
   count = config.data.num_classes * config.sampler.samples_per_class
   if count <= metrics.PR_NEIGHBOURS:
     raise ValueError(

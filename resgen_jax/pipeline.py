@@ -50,6 +50,9 @@ from resgen_jax.utils import images as image_utils
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 RECON_FILE = "reconstructions.png"
+# DIR/tokenizer/image_spec.json: {"image_size", "image_channels"} of the images the tokenizer
+# was trained on, what loading it for inference needs besides its checkpoint (no data).
+IMAGE_SPEC_FILE = "image_spec.json"
 RECON_EXAMPLES = 8  # columns of the reconstruction grid
 SAMPLES_DIR = "samples"
 EVALUATION_DIR = "evaluation"
@@ -167,6 +170,7 @@ def run_tokenizer(config, workdir: str, mesh) -> None:
   full_eval = eval_pass(config, config.data.eval_split)
   example = example_batch(full_eval, mesh)
   task = make_tokenizer_task(config, example["image"].shape[-1])
+  write_image_spec(workdir, config.data.image_size, example["image"].shape[-1])
   train_iter = data_lib.make_train_iterator(config.data, tcfg.batch_size, config.seed,
                                             jax.process_index(), jax.process_count())
   periodic_eval = eval_pass(config, config.data.eval_split, tcfg.eval_examples or None)
@@ -263,21 +267,56 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
   return report
 
 
+def example_rows(mesh) -> int:
+  """Rows per process of the smallest global batch that the batch shards and the processes
+  both divide: the example batch that gives a stage's state its shapes."""
+  return math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
+
+
+def image_spec_path(workdir: str) -> str:
+  return os.path.join(workdir, TokenizerTask.name, IMAGE_SPEC_FILE)
+
+
+def write_image_spec(workdir: str, image_size: int, image_channels: int) -> None:
+  """Records the image shape the tokenizer trains on (process 0, once)."""
+  path = image_spec_path(workdir)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    files.save_json(path, {"image_size": int(image_size), "image_channels": int(image_channels)})
+
+
+def read_image_spec(config, workdir: str) -> dict:
+  """``{"image_size", "image_channels"}`` of the workdir's tokenizer. A workdir from before
+  the spec was recorded falls back to the first eval batch of ``config.data``."""
+  path = image_spec_path(workdir)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  logging.warning("%s does not exist (a workdir from an older version): the image shape "
+                  "is read from the eval split of config.data", path)
+  local = next(iter(eval_pass(config, config.data.eval_split)()))
+  return {"image_size": config.data.image_size, "image_channels": local["image"].shape[-1]}
+
+
 def load_tokenizer(config, workdir: str, mesh):
-  """``(task, state, passes)`` of the trained tokenizer; ``passes`` maps the train and eval
-  split names to factories of sequential passes over them."""
-  passes = {split: eval_pass(config, split)
-            for split in (config.data.train_split, config.data.eval_split)}
-  example = example_batch(passes[config.data.eval_split], mesh)
-  task = make_tokenizer_task(config, example["image"].shape[-1])
+  """``(task, state)`` of the trained tokenizer, for inference: needs only the workdir (no
+  data, no LPIPS file, no optimizer or discriminator state read)."""
+  spec = read_image_spec(config, workdir)
+  size, channels = spec["image_size"], spec["image_channels"]
+  task = make_tokenizer_task(config, channels)
+  rows = example_rows(mesh)
+  example = mesh_lib.global_batch(
+      {"image": np.zeros((rows, size, size, channels), np.uint8),
+       "label": np.zeros((rows,), np.int32)}, mesh)
   state = trainer.load_trained_state(task, config.tokenizer.train, workdir, example, mesh,
                                      config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
-  return task, state, passes
+  return task, state
 
 
 def run_encode(config, workdir: str, mesh) -> None:
   """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
-  task, state, passes = load_tokenizer(config, workdir, mesh)
+  task, state = load_tokenizer(config, workdir, mesh)
+  passes = {split: eval_pass(config, split)
+            for split in (config.data.train_split, config.data.eval_split)}
   if int(state.step) < config.tokenizer.train.num_steps:
     raise ValueError(
         f"the tokenizer in {workdir} has trained {int(state.step)} of "
@@ -335,7 +374,7 @@ def check_token_data(config, workdir: str, current=None) -> None:
 
 
 # generator.family -> its task; each trains with the shared trainer and samples through
-# ``sample_codes(params, model_state, codebooks, labels, rng, sampler_config)``.
+# ``sample_tokens(params, model_state, codebooks, labels, rng, sampler_config)``.
 FAMILIES = {"resgen": GeneratorTask, "direct": DirectTokenTask,
             "rq_transformer": RQTransformerTask}
 
@@ -396,8 +435,7 @@ def load_generator(config, workdir: str, mesh):
   """``(task, state)`` of the trained generator."""
   task = make_generator_task(config, workdir)
   meta, _ = token_cache.load_meta(workdir)
-  # The smallest global batch the batch shards and the processes both divide.
-  rows = math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
+  rows = example_rows(mesh)
   example = mesh_lib.global_batch(
       {"codes": np.zeros((rows, *meta["grid"], task.depth), np.int32),
        "label": np.zeros((rows,), np.int32)}, mesh)
@@ -451,20 +489,28 @@ def check_sample_provenance(path: str, workdir: str) -> dict:
   return recorded
 
 
+def decode_prefix(tok_task: TokenizerTask, ae_params, codebooks, codes: jax.Array) -> jax.Array:
+  """Images ``[B,H,W,C]`` (floats in [-1, 1]) of codes ``[B,h,w,D']`` of the first
+  ``D' <= D`` depths (a generator of a depth prefix, ``generator.token_depth``)."""
+  depth = codes.shape[-1]
+  padded = jnp.pad(codes, ((0, 0),) * 3 + ((0, tok_task.tok.depth - depth),))
+  return tok_task.tok.decode(ae_params, codebooks, padded, prefix=depth)
+
+
 def make_image_sampler(config, tok_task: TokenizerTask, gen_task: TokenTask,
                        mesh) -> Callable:
   """A jitted ``(gen_params, gen_state, ae_params, codebooks, labels [B], rng) ->
-  (images float [B,H,W,C], codes [B,h,w,D])`` for any generator family."""
+  (images float [B,H,W,C], codes [B,h,w,D], reveal_step [B,h,w,D])`` for any generator
+  family (``reveal_step``: the network call that drew each token)."""
   h, w = tok_task.tok.grid_shape(config.data.image_size)
 
   def draw(gen_params, gen_state, ae_params, codebooks, labels, rng):  # labels batch-sharded
-    codes = gen_task.sample_codes(gen_params, gen_state,
-                                  generator_codebooks(codebooks, gen_task.depth), labels, rng,
-                                  config.sampler)
-    codes = codes.reshape(labels.shape[0], h, w, gen_task.depth)
-    # A generator of a depth prefix (generator.token_depth) decodes from that prefix.
-    padded = jnp.pad(codes, ((0, 0),) * 3 + ((0, tok_task.tok.depth - gen_task.depth),))
-    return tok_task.tok.decode(ae_params, codebooks, padded, prefix=gen_task.depth), codes
+    out = gen_task.sample_tokens(gen_params, gen_state,
+                                 generator_codebooks(codebooks, gen_task.depth), labels, rng,
+                                 config.sampler)
+    grid = lambda x: x.reshape(labels.shape[0], h, w, gen_task.depth)
+    codes = grid(out.codes)
+    return decode_prefix(tok_task, ae_params, codebooks, codes), codes, grid(out.reveal_step)
 
   # Outputs replicated, so every process can read the whole batch.
   return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))
@@ -472,8 +518,8 @@ def make_image_sampler(config, tok_task: TokenizerTask, gen_task: TokenTask,
 
 def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task: TokenTask,
                            gen_state, mesh) -> Callable:
-  """``(gen_state, labels int [n], index) -> (images uint8 [n,H,W,C], codes [n,h,w,D])``
-  for ``n <= sampler.batch_size``, compiled here for that one batch shape (shorter batches
+  """``(gen_state, labels int [n], index) -> (images uint8 [n,H,W,C], codes [n,h,w,D],
+  reveal_step [n,h,w,D])`` for ``n <= sampler.batch_size``, compiled here for that one batch shape (shorter batches
   are padded), so calls time sampling alone. Batch ``index`` draws from
   ``fold_in(key(sampler.seed), index)``; ``gen_state`` may change between calls (the
   training-time proxy) as long as its layout does not."""
@@ -492,8 +538,9 @@ def compiled_image_sampler(config, tok_task: TokenizerTask, tok_state, gen_task:
     if not 0 < len(labels) <= scfg.batch_size:
       raise ValueError(f"{len(labels)} labels for a sampler of batch size {scfg.batch_size}")
     padded = np.pad(labels, (0, scfg.batch_size - len(labels)))  # one compiled shape
-    images, codes = compiled(*args(state, padded, index))
-    return image_utils.to_uint8(images)[:len(labels)], np.asarray(codes)[:len(labels)]
+    images, codes, steps = compiled(*args(state, padded, index))
+    return (image_utils.to_uint8(images)[:len(labels)], np.asarray(codes)[:len(labels)],
+            np.asarray(steps)[:len(labels)])
 
   return sample
 
@@ -517,7 +564,7 @@ def run_sample(config, workdir: str, mesh) -> str:
     logging.info("samples exist: %s", path)
     return path
   config_checks.check_sample_counts(scfg)  # also checked at start-up; callers may skip run
-  tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
+  tok_task, tok_state = load_tokenizer(config, workdir, mesh)
   gen_task, gen_state = load_generator(config, workdir, mesh)
   sample = compiled_image_sampler(config, tok_task, tok_state, gen_task, gen_state, mesh)
   labels = np.repeat(np.arange(config.data.num_classes), scfg.samples_per_class)
@@ -530,7 +577,7 @@ def run_sample(config, workdir: str, mesh) -> str:
   with writer as out:
     for index, chunk in label_batches(labels, scfg.batch_size):
       start = time.time()
-      images, codes = sample(gen_state, chunk, index)
+      images, codes, _ = sample(gen_state, chunk, index)
       seconds += time.time() - start
       first = index * scfg.batch_size
       if out is not None:
@@ -558,17 +605,31 @@ def process_zero_npz(path: str, **specs):
 
 
 EXTRACTOR_SETTINGS = {  # the evaluation fields each feature extractor's numbers depend on
-    "classifier": ("extractor", "classifier_steps"),
+    "classifier": ("extractor", "classifier_steps", "classifier_pool"),
     "inception": ("extractor", "inception_weights", "reference_stats"),
     "resnet": ("extractor", "resnet_weights"),
 }
+
+
+# Settings added after reports were first written, with the value every older report had.
+SETTINGS_ADDED = {"classifier_pool": "mean"}
 
 
 def evaluation_settings(ecfg) -> dict:
   if ecfg.extractor not in EXTRACTOR_SETTINGS:
     raise ValueError(f"evaluation.extractor must be one of {sorted(EXTRACTOR_SETTINGS)}, got "
                      f"{ecfg.extractor!r}")
+  classifier.check_pool(ecfg.classifier_pool)
   return {k: ecfg[k] for k in EXTRACTOR_SETTINGS[ecfg.extractor]}
+
+
+def saved_settings(report: dict, current: dict) -> Optional[dict]:
+  """The evaluation settings a report was computed with, completed by SETTINGS_ADDED for
+  the fields ``current`` has and an older report lacks."""
+  saved = report.get("evaluation")
+  if saved is None:
+    return None
+  return {**{k: v for k, v in SETTINGS_ADDED.items() if k in current}, **saved}
 
 
 def run_evaluate(config, workdir: str, mesh) -> dict:
@@ -593,7 +654,7 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
   if os.path.exists(out):
     with open(out) as f:
       report = json.load(f)
-    if report.get("evaluation") != settings:
+    if saved_settings(report, settings) != settings:
       raise ValueError(
           f"{out} was computed with evaluation settings {report.get('evaluation')}, not "
           f"{settings}; it is kept as it is: move it away to evaluate again")
@@ -613,10 +674,12 @@ def run_evaluate(config, workdir: str, mesh) -> dict:
 
 def classifier_params(config, workdir: str):
   """The project's classifier of this workdir (trained on the first call, then read)."""
-  name = f"classifier_{config.evaluation.classifier_steps}steps.msgpack"
+  ecfg = config.evaluation
+  pool = "" if ecfg.classifier_pool == "mean" else f"{ecfg.classifier_pool}_"  # v1 names
+  name = f"classifier_{pool}{ecfg.classifier_steps}steps.msgpack"
   return classifier.get_or_train_classifier(
       os.path.join(workdir, EVALUATION_DIR, name), config.data, config.data.num_classes,
-      num_steps=config.evaluation.classifier_steps, seed=config.seed)
+      pool=ecfg.classifier_pool, num_steps=ecfg.classifier_steps, seed=config.seed)
 
 
 def feature_extractor(config, workdir: str) -> features_lib.Extractor:
@@ -634,7 +697,8 @@ def feature_extractor(config, workdir: str) -> features_lib.Extractor:
                        "path of a CIFAR ResNet state dict (.npz; evaluation/resnet.py)")
     return resnet.ResNetFeatures(ecfg.resnet_weights, ecfg.batch_size)
   return features_lib.ClassifierFeatures(classifier_params(config, workdir),
-                                         config.data.num_classes, config.evaluation.batch_size)
+                                         config.data.num_classes, ecfg.batch_size,
+                                         ecfg.classifier_pool)
 
 
 def heldout_features(config, extractor: features_lib.Extractor):
@@ -651,14 +715,9 @@ def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
   classes = config.data.num_classes
   real_images, real_labels = data_lib.load_all(config.data, config.data.eval_split)
   train_images, _ = data_lib.load_all(config.data, config.data.train_split)
-  if config.evaluation.extractor == "resnet":
-    evaluator = classifier.ClassifierEvaluator(
-        None, classes, real_images, real_labels, baseline_images=train_images,
-        extractor=feature_extractor(config, workdir))
-  else:
-    evaluator = classifier.ClassifierEvaluator(classifier_params(config, workdir), classes,
-                                               real_images, real_labels,
-                                               baseline_images=train_images)
+  evaluator = classifier.ClassifierEvaluator(
+      None, classes, real_images, real_labels, baseline_images=train_images,
+      extractor=feature_extractor(config, workdir))
   with np.load(samples, allow_pickle=False) as data:
     labels = data["labels"]
   generated = evaluator.evaluate_batches(
@@ -708,7 +767,7 @@ def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
   Compiles on its first call."""
   count = config.evaluation.proxy_samples
   config_checks.check_proxy_samples(count)
-  tok_task, tok_state, _ = load_tokenizer(config, workdir, mesh)
+  tok_task, tok_state = load_tokenizer(config, workdir, mesh)
   extractor = feature_extractor(config, workdir)
   reference = features_lib.Reference.from_features(heldout_features(config, extractor)[0])
   # Classes in turn, sorted: with count = C x samples_per_class these are the sample stage's

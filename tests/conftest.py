@@ -55,3 +55,33 @@ def tiny_config(num_steps: int = 4):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+TRAINED_STEPS = 150  # enough for the tiny tokenizer's depth prefixes to separate
+
+
+def trained_config():
+  """:func:`tiny_config` trained long enough for its tokenizer's depths to matter, every
+  stage on."""
+  config = tiny_config(num_steps=TRAINED_STEPS)
+  config.tokenizer.quantizer.dropout_prob = 0.5
+  config.tokenizer.train.learning_rate = 3e-3
+  config.tokenizer.train.checkpoint_every = 100
+  config.tokenizer.train.log_every = 50
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
+  config.generator.train.num_steps = 20
+  config.generator.train.log_every = 10
+  # The proxy draws the sample stage's 10 x 2 images: at the last step it equals that
+  # stage's Frechet distance.
+  config.evaluation.update(proxy_every=10, proxy_samples=20)
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A workdir where :func:`trained_config` ran every stage, trained once per session.
+  Tests that change files in it work on a copy."""
+  from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run"))
+  pipeline.run(trained_config(), workdir)
+  return workdir

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import TRAINED_STEPS, tiny_config, trained_config
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax import pipeline
@@ -25,30 +25,10 @@ from resgen_jax.train import trainer
 from resgen_jax.utils import images as image_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED_STEPS = 150  # enough for the tiny tokenizer's depth prefixes to separate
-
-
-def trained_config():
-  config = tiny_config(num_steps=TRAINED_STEPS)
-  config.tokenizer.quantizer.dropout_prob = 0.5
-  config.tokenizer.train.learning_rate = 3e-3
-  config.tokenizer.train.checkpoint_every = 100
-  config.tokenizer.train.log_every = 50
-  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
-  config.generator.train.num_steps = 20
-  config.generator.train.log_every = 10
-  # The proxy draws the sample stage's 10 x 2 images: at the last step it equals that
-  # stage's Frechet distance.
-  config.evaluation.update(proxy_every=10, proxy_samples=20)
-  return config
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A workdir where the tiny tokenizer trained and the codes were cached."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  pipeline.run(trained_config(), workdir)
-  return workdir
+def trained(trained_run):
+  """A workdir where the tiny pipeline ran every stage (shared with the other modules)."""
+  return trained_run
 
 
 def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
@@ -155,7 +135,7 @@ def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
     images, codes = data["arr_0"], data["codes"]
   assert codes.shape == (20, 4, 4, 2)
   mesh = mesh_lib.make_mesh(("data",), (-1,))
-  tok_task, tok_state, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+  tok_task, tok_state = pipeline.load_tokenizer(config, run_dir, mesh)
   books = tok_state.model_state["codebook"].codebooks
   padded = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), codes.dtype)], -1)
   decoded = image_utils.to_uint8(tok_task.tok.decode(
@@ -204,7 +184,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(trained, tmp_pat
   mesh = mesh_lib.make_mesh(("data",), (-1,))
   checkpoints = os.path.join(run_dir, "tokenizer", trainer.CHECKPOINT_DIR)
   assert sorted(os.listdir(checkpoints)) == ["100", str(TRAINED_STEPS)]
-  _, good, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+  _, good = pipeline.load_tokenizer(config, run_dir, mesh)
   # A NaN copy of the good state saved as a newer step, and the next one's chunk truncated.
   keep_all = config.tokenizer.train.copy_and_resolve_references()
   keep_all.keep_checkpoints = 3
@@ -221,7 +201,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(trained, tmp_pat
     with open(chunk, "r+b") as f:
       f.truncate(os.path.getsize(chunk) // 2)
   with caplog.at_level(logging.WARNING):
-    _, state, _ = pipeline.load_tokenizer(config, run_dir, mesh)
+    _, state = pipeline.load_tokenizer(config, run_dir, mesh)
   assert int(state.step) == 100
   assert f"/{TRAINED_STEPS + 10} holds non-finite values" in caplog.text
   assert f"/{TRAINED_STEPS} cannot be read" in caplog.text

@@ -186,7 +186,12 @@ def test_fsdp_checkpoint_restores_on_one_device_and_resumes_on_another_mesh(tmp_
   single = mesh_lib.make_mesh(("data",), (1,), jax.devices()[:1])
   example = mesh_lib.global_batch(local_batch(), single)
   restored = trainer.load_trained_state(task, cfg, str(tmp_path), example, single, seed=0)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(result.state)):
+  assert restored.opt_state is None  # inference reads no optimizer state
+  trained = (result.state.step, result.state.params, result.state.ema_params,
+             result.state.model_state)
+  loaded = (restored.step, restored.params, restored.ema_params, restored.model_state)
+  assert jax.tree.structure(loaded) == jax.tree.structure(trained)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained)):
     assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 1
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -364,6 +364,15 @@ class RQTransformerTask(TokenTask):
       return logits[jnp.arange(codes.shape[0]), i, j], state
     return (), lambda state, codes, i: state, token_logits
 
+  def sample_tokens(self, params, model_state, codebooks, labels: Array, rng: Array,
+                    scfg: ml_collections.ConfigDict) -> sampler.SampleOutput:
+    """:meth:`sample_codes` with the raster order as the reveal history: token (i, j) is
+    the network call ``i * D + j + 1``."""
+    codes = self.sample_codes(params, model_state, codebooks, labels, rng, scfg)
+    order = jnp.arange(1, self.num_positions * self.depth + 1, dtype=jnp.int32)
+    return sampler.SampleOutput(codes=codes, reveal_step=jnp.broadcast_to(
+        order.reshape(self.num_positions, self.depth), codes.shape))
+
   def sample_codes(self, params, model_state, codebooks, labels: Array, rng: Array,
                    scfg: ml_collections.ConfigDict, use_cache: bool = True) -> Array:
     """Autoregressive samples, raster order over positions and coarse to fine over depths.

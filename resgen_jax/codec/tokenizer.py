@@ -12,6 +12,7 @@ initialisation, quantizer dropout, perceptual loss and a hinge GAN with a delaye
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import jax
@@ -119,6 +120,7 @@ class TokenizerTask(Task):
   """Stage 1: trains the tokenizer (``config.tokenizer``)."""
 
   name = "tokenizer"
+  training_only_params = ("discriminator",)
 
   def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int,
                tokenizer: Optional[Tokenizer] = None):
@@ -139,9 +141,14 @@ class TokenizerTask(Task):
                        f"{cfg.quantizer.dropout_prob}")
     self.discriminator = losses.PatchDiscriminator(
         channels=loss.disc_channels, num_layers=loss.disc_layers)
-    self._constants = (
-        {"lpips": losses.load_lpips_params(loss.perceptual_weights)}
-        if self.use_perceptual else {})
+
+  @functools.cached_property
+  def _constants(self):
+    """Read on first use (training), so that loading a trained tokenizer for inference
+    needs no LPIPS file."""
+    loss = self.cfg.loss
+    return ({"lpips": losses.load_lpips_params(loss.perceptual_weights)}
+            if self.use_perceptual else {})
 
   def constants(self):
     return self._constants

@@ -99,6 +99,20 @@ class TokenTask(Task):
     """``(codes [B, L, D], labels [B], valid [B, L])`` (see :func:`flatten_tokens`)."""
     return flatten_tokens(batch, self.depth)
 
+  def sample_tokens(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
+                    scfg: ml_collections.ConfigDict) -> sampler.SampleOutput:
+    """Class-conditional samples with their reveal history: labels ``[B]`` ->
+    ``SampleOutput(codes [B, L, D], reveal_step [B, L, D])``, ``reveal_step`` the network
+    call (1-based) that drew each token. The interface every generator family shares (the
+    pipeline, the Python API, sweeps and benchmarks call only this and
+    :meth:`sample_codes`)."""
+    raise NotImplementedError
+
+  def sample_codes(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
+                   scfg: ml_collections.ConfigDict) -> jax.Array:
+    """:meth:`sample_tokens`' codes alone, int32 ``[B, L, D]``."""
+    return self.sample_tokens(params, model_state, codebooks, labels, rng, scfg).codes
+
 
 class GeneratorTask(TokenTask):
   """ResGen over token grids ``[L, D]`` with ``num_classes`` classes."""
@@ -299,15 +313,13 @@ class GeneratorTask(TokenTask):
 
     return network
 
-  def sample_codes(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
-                   scfg: ml_collections.ConfigDict) -> jax.Array:
-    """Class-conditional samples: labels ``[B]`` -> every token, int32 ``[B, L, D]``, in
-    ``scfg.steps`` network calls (:func:`sampler.unmask` around :meth:`proposal`). The
-    interface every generator family shares (the pipeline, sweeps and benchmarks call only
-    this)."""
+  def sample_tokens(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
+                    scfg: ml_collections.ConfigDict) -> sampler.SampleOutput:
+    """Every token in ``scfg.steps`` network calls (:func:`sampler.unmask` around
+    :meth:`proposal`); ``reveal_step`` in 1..T."""
     start = jnp.zeros((labels.shape[0], self.num_positions, self.depth), jnp.int32)
     return self.infill(params, model_state, codebooks, start, jnp.zeros(start.shape, bool),
-                       jnp.ones(start.shape[:2], bool), labels, rng, scfg).codes
+                       jnp.ones(start.shape[:2], bool), labels, rng, scfg)
 
   def infill(self, params, model_state, codebooks, codes: jax.Array, known: jax.Array,
              valid: jax.Array, labels: jax.Array, rng: jax.Array,

@@ -25,6 +25,10 @@ class Task(abc.ABC):
   #: Stage name: the sub-directory of the workdir and the ``stage`` field in metrics.jsonl.
   name: str
 
+  #: Top-level ``params`` entries only training uses (e.g. a GAN discriminator): loading a
+  #: trained stage for inference (:func:`trainer.load_trained_state`) does not read them.
+  training_only_params: Tuple[str, ...] = ()
+
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: dict) -> Tuple[PyTree, PyTree]:
     """Returns ``(params, model_state)`` for an example batch.

@@ -115,11 +115,21 @@ def create_train_state(task: Task, optimizer: optax.GradientTransformation, rng:
   return jax.jit(_init_state_fn(task, optimizer, ema), out_shardings=shardings)(rng, batch)
 
 
+def inference_layout(task: Task, abstract_state: TrainState) -> TrainState:
+  """What evaluating, encoding or sampling needs of a state: no optimizer state
+  (``opt_state=None``) and no :attr:`Task.training_only_params`."""
+  keep = lambda p: {k: v for k, v in p.items() if k not in task.training_only_params}
+  return abstract_state.replace(opt_state=None, params=keep(abstract_state.params),
+                                ema_params=keep(abstract_state.ema_params))
+
+
 def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
                        batch: dict, mesh, seed: int,
                        rules: mesh_lib.ShardingRules = mesh_lib.ShardingRules()) -> TrainState:
   """The latest checkpoint of a trained stage, for evaluation, encoding or sampling, laid
-  out on ``mesh`` by ``rules`` whatever mesh it was saved from.
+  out on ``mesh`` by ``rules`` whatever mesh it was saved from. Only what inference needs
+  is read (:func:`inference_layout`): ``opt_state`` is None and the training-only
+  parameters are absent, so a run trained on a pod loads on one device.
 
   Args:
     batch: an example global batch (for shapes).
@@ -134,7 +144,7 @@ def load_trained_state(task: Task, cfg: ml_collections.ConfigDict, workdir: str,
     init_key = jax.random.split(stage_key(seed, task.name), 3)[0]
     abstract, _ = state_layout(task, optim.make_optimizer(cfg), init_key, batch,
                                cfg.ema_decay > 0, mesh, rules)
-    state, _, _ = restore_good_state(manager, abstract)  # reads only: nothing renamed
+    state, _, _ = restore_good_state(manager, inference_layout(task, abstract), partial=True)
   finally:
     manager.close()
   return state
@@ -308,15 +318,19 @@ def _leaf_specs(tree: PyTree) -> dict:
           for path, leaf in zip(mesh_lib.tree_paths(tree), jax.tree.leaves(tree))}
 
 
-def checkpoint_mismatch(saved: PyTree, abstract_state: TrainState) -> Optional[str]:
+def checkpoint_mismatch(saved: PyTree, abstract_state: TrainState,
+                        partial: bool = False) -> Optional[str]:
   """How a checkpoint's array metadata differs from the state the config builds, or None.
 
   Args:
     saved: the checkpoint's tree of array metadata (anything with ``shape`` and ``dtype``).
     abstract_state: the state the current config builds (``ShapeDtypeStruct`` leaves).
+    partial: ``abstract_state`` is a part of the state (:func:`inference_layout`): arrays
+      of the checkpoint that it does not hold are not a difference.
   """
   have, want = _leaf_specs(saved), _leaf_specs(abstract_state)
-  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  missing = sorted(want.keys() - have.keys())
+  extra = [] if partial else sorted(have.keys() - want.keys())
   if missing or extra:
     return (f"arrays this config builds but the checkpoint lacks: {missing[:5]}; arrays "
             f"the checkpoint has but this config does not build: {extra[:5]}")
@@ -327,12 +341,15 @@ def checkpoint_mismatch(saved: PyTree, abstract_state: TrainState) -> Optional[s
   return None
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState):
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+                  partial: bool = False):
   """Restores ``(state, data_state)`` at ``step`` onto the shardings of ``abstract_state``.
 
   The checkpoint's metadata is compared with ``abstract_state`` first: a checkpoint from
   another config (other shapes, dtypes or structure) is a ValueError naming the checkpoint
-  and the first difference, and nothing is read.
+  and the first difference, and nothing is read. With ``partial`` only the arrays of
+  ``abstract_state`` (a part of the saved state, see :func:`inference_layout`) are read,
+  and ``data_state`` is None.
   """
   try:
     metadata = manager.item_metadata(step)["state"].tree
@@ -340,11 +357,21 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
     path = os.path.join(str(manager.directory), str(step), "state", METADATA_FILE)
     raise ValueError(f"the checkpoint's metadata file {path} is damaged "
                      f"({type(e).__name__}: {e})") from e
-  mismatch = checkpoint_mismatch(metadata, abstract_state)
+  mismatch = checkpoint_mismatch(metadata, abstract_state, partial)
   if mismatch:
     raise CheckpointMismatchError(
         f"the checkpoint {manager.directory}/{step} does not match the model this config "
         f"builds (was it written by another config?): {mismatch}")
+  if partial:
+    # The saved tree is the state's fields as a dict; the template holds the ones kept.
+    path = os.path.join(str(manager.directory), str(step), "state")
+    template = {f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)
+                if getattr(abstract_state, f.name) is not None}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=template, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(template)))
+    return abstract_state.replace(**restored), None
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
@@ -358,17 +385,18 @@ def all_finite(tree: PyTree) -> bool:
 
 
 def restore_good_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
-                       set_aside: bool = False):
+                       set_aside: bool = False, partial: bool = False):
   """The newest checkpoint that reads back whole and finite: ``(state, data_state, step)``.
   An unreadable or non-finite one is skipped with a warning naming it and the step used
   instead; with ``set_aside`` (training, which will save again) it is renamed to
   ``<step>.unreadable`` so its step can be written anew, never deleted. A checkpoint of
-  another config (a shape mismatch) is an error, not damage."""
+  another config (a shape mismatch) is an error, not damage. ``partial``: see
+  :func:`restore_state`."""
   steps = sorted(manager.all_steps(), reverse=True)
   bad = []
   for step in steps:
     try:
-      state, data_state = restore_state(manager, step, abstract_state)
+      state, data_state = restore_state(manager, step, abstract_state, partial)
       problem = None if all_finite(state) else "holds non-finite values"
     except CheckpointMismatchError:
       raise
