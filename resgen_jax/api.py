@@ -97,6 +97,28 @@ def check_trained(workdir: str, stage: str) -> None:
                             f"it first")
 
 
+def sampler_config(config: ml_collections.ConfigDict, mesh, count: int,
+                   batch_size: Optional[int] = None, seed: int = 0,
+                   **overrides) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``sampler`` updated for drawing ``count`` items on ``mesh``:
+  ``seed``, ``batch_size`` (default: the run's, or ``count`` rounded up to the batch shards
+  when fewer) and the ``overrides`` that are not None (any sampler field). Unknown fields
+  and values out of range are a ValueError naming them."""
+  config = config.copy_and_resolve_references()
+  scfg = config.sampler
+  unknown = sorted(k for k in overrides if k not in scfg)
+  if unknown:
+    raise ValueError(f"unknown sampler settings {unknown}; the sampler has {sorted(scfg)}")
+  scfg.update({k: v for k, v in overrides.items() if v is not None})
+  shards = mesh_lib.batch_shards(mesh)
+  if batch_size is None:
+    batch_size = min(scfg.batch_size, -(-count // shards) * shards)
+  scfg.update(batch_size=batch_size, seed=seed)
+  sampler_lib.check_settings(scfg)
+  mesh_lib.check_batch_size(scfg.batch_size, mesh)
+  return config
+
+
 class ImageRun:
   """A trained image run: its tokenizer and (when trained) its generator, EMA weights.
 
@@ -194,22 +216,8 @@ class ImageRun:
 
   def sampler_config(self, count: int, batch_size: Optional[int] = None, seed: int = 0,
                      **overrides) -> ml_collections.ConfigDict:
-    """The run's config with ``sampler`` updated: ``seed``, ``batch_size`` (default: the
-    run's, or ``count`` rounded up to the batch shards when fewer) and the ``overrides``
-    that are not None (any sampler field)."""
-    config = self.config.copy_and_resolve_references()
-    scfg = config.sampler
-    unknown = sorted(k for k in overrides if k not in scfg)
-    if unknown:
-      raise ValueError(f"unknown sampler settings {unknown}; the sampler has {sorted(scfg)}")
-    scfg.update({k: v for k, v in overrides.items() if v is not None})
-    shards = mesh_lib.batch_shards(self.mesh)
-    if batch_size is None:
-      batch_size = min(scfg.batch_size, -(-count // shards) * shards)
-    scfg.update(batch_size=batch_size, seed=seed)
-    sampler_lib.check_settings(scfg)
-    mesh_lib.check_batch_size(scfg.batch_size, self.mesh)
-    return config
+    """See :func:`sampler_config`."""
+    return sampler_config(self.config, self.mesh, count, batch_size, seed, **overrides)
 
   def sample(self, labels=None, count: Optional[int] = None, *, steps: Optional[int] = None,
              cfg_scale: Optional[float] = None, temperature: Optional[float] = None,

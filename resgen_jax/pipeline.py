@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from typing import Callable, Dict, Iterable, Optional
@@ -267,12 +266,6 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
   return report
 
 
-def example_rows(mesh) -> int:
-  """Rows per process of the smallest global batch that the batch shards and the processes
-  both divide: the example batch that gives a stage's state its shapes."""
-  return math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
-
-
 def image_spec_path(workdir: str) -> str:
   return os.path.join(workdir, TokenizerTask.name, IMAGE_SPEC_FILE)
 
@@ -303,7 +296,7 @@ def load_tokenizer(config, workdir: str, mesh):
   spec = read_image_spec(config, workdir)
   size, channels = spec["image_size"], spec["image_channels"]
   task = make_tokenizer_task(config, channels)
-  rows = example_rows(mesh)
+  rows = mesh_lib.example_rows(mesh)
   example = mesh_lib.global_batch(
       {"image": np.zeros((rows, size, size, channels), np.uint8),
        "label": np.zeros((rows,), np.int32)}, mesh)
@@ -435,7 +428,7 @@ def load_generator(config, workdir: str, mesh):
   """``(task, state)`` of the trained generator."""
   task = make_generator_task(config, workdir)
   meta, _ = token_cache.load_meta(workdir)
-  rows = example_rows(mesh)
+  rows = mesh_lib.example_rows(mesh)
   example = mesh_lib.global_batch(
       {"codes": np.zeros((rows, *meta["grid"], task.depth), np.int32),
        "label": np.zeros((rows,), np.int32)}, mesh)

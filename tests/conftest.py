@@ -85,3 +85,39 @@ def trained_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   pipeline.run(trained_config(), workdir)
   return workdir
+
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "notebooks")
+NOTEBOOK_TIMEOUT_S = 600  # per cell
+
+
+def execute_notebook(name: str, parameters: dict):
+  """Runs ``notebooks/<name>`` top to bottom in a fresh kernel, as papermill does: a cell
+  setting ``parameters`` goes right after the cell tagged ``parameters``. The kernel sees
+  the tests' devices, compilation cache and this checkout. Any cell error raises
+  (``nbclient.exceptions.CellExecutionError``). -> the executed notebook."""
+  import nbclient  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
+  assert len(tagged) == 1, f"{name} must have exactly one cell tagged 'parameters'"
+  injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
+  injected.metadata["tags"] = ["injected-parameters"]
+  notebook.cells.insert(tagged[0] + 1, injected)
+  root = os.path.dirname(NOTEBOOKS)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p),
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  client = nbclient.NotebookClient(notebook, timeout=NOTEBOOK_TIMEOUT_S, kernel_name="python3",
+                                   resources={"metadata": {"path": NOTEBOOKS}})
+  old = dict(os.environ)
+  os.environ.update(env)  # the kernel inherits this process's environment
+  try:
+    client.execute()
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+  return notebook

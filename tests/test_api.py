@@ -12,6 +12,7 @@ import pytest
 from conftest import trained_config
 from resgen_jax import api, config_base, pipeline
 from resgen_jax import data as data_lib
+from resgen_jax.audio import api as speech_api
 from resgen_jax.codec import losses, rvq
 from resgen_jax.codec.tokenizer import TokenizerTask
 from resgen_jax.train import mesh as mesh_lib
@@ -165,6 +166,8 @@ def test_workdirs_that_cannot_load(workdir, tmp_path):
   config = config_base.load_config_file(os.path.join(REPO, "configs", "tts_tiny.py"))
   with pytest.raises(ValueError, match="is a speech run"):
     api.ImageRun(str(speech), config)
+  with pytest.raises(ValueError, match="is an image run"):
+    speech_api.SpeechRun(workdir)
 
 
 def test_image_spec_is_written_and_falls_back_to_the_data(workdir, caplog):

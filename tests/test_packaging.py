@@ -5,7 +5,9 @@ import re
 import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEV_ONLY = {"pytest"}  # in requirements.txt (the README's one install) but not a runtime need
+# In requirements.txt (the README's one install) but not runtime needs: the tests and the
+# notebook runner they execute notebooks/ with.
+DEV_ONLY = {"pytest", "nbclient", "nbformat", "ipykernel"}
 
 
 def requirement_lines(path):

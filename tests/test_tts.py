@@ -179,3 +179,54 @@ def test_zero_shot_evaluation_exports_both_tasks(run):
   assert 0 < report["cross_sentence"]["duration_ratio"]
   assert 0 <= report["cross_sentence"]["word_f1"]["real"] <= 1
   assert tts_eval.run_evaluate(config, workdir, mesh) == report  # kept, not redone
+
+
+def test_python_api_speaks_as_the_synthesize_stage(run, tmp_path):
+  """``api.load(workdir).synthesize`` is the stage's code: the same wave as its WAV (up to
+  16-bit rounding), from a path or an in-memory prompt."""
+  from resgen_jax import api  # pylint: disable=g-import-not-at-top
+  from resgen_jax.audio import api as speech_api  # pylint: disable=g-import-not-at-top
+  config, workdir, prompt = run
+  speech_run = api.load(workdir)
+  assert isinstance(speech_run, speech_api.SpeechRun)
+  speech = speech_run.synthesize("six seven", prompt, "one two three four", seconds=0.6)
+  stage = config.copy_and_resolve_references()
+  stage.synth.update(text="six seven", prompt_wav=prompt, prompt_text="one two three four",
+                     seconds=0.6, output=str(tmp_path / "stage.wav"))
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  tts.run_synthesize(stage, workdir, mesh)
+  wave, rate = frontend.read_wav(str(tmp_path / "stage.wav"))
+  assert speech.sample_rate == rate and speech.wave.shape == wave.shape
+  np.testing.assert_allclose(speech.wave, wave, atol=2 / 2 ** 15)
+  assert speech.log_mels.shape[1] == config.audio.n_mels
+  hop = config.audio.hop_length
+  assert speech.log_mels.shape[0] - speech.prompt_mel_frames == len(speech.wave) // hop
+  in_memory = speech_run.synthesize("six seven", frontend.read_wav(prompt),
+                                    "one two three four", seconds=0.6)
+  np.testing.assert_array_equal(in_memory.wave, speech.wave)
+  assert not np.array_equal(
+      speech_run.synthesize("six seven", prompt, "one two three four", seconds=0.6,
+                            seed=1).wave, speech.wave)
+  with pytest.raises(ValueError, match="empty"):
+    speech_run.synthesize("  ", prompt, "one two three four")
+  with pytest.raises(ValueError, match=r"\(wave, sample_rate\) tuple"):
+    speech_run.synthesize("six", np.zeros(100), "one two three four")
+  with pytest.raises(ValueError, match="sample rate in Hz"):
+    speech_run.synthesize("six", (np.zeros((2, 100)), 16000), "one two three four")
+  with pytest.raises(ValueError, match="unknown sampler settings"):
+    speech_run.synthesize("six", prompt, "one two three four", stepz=2)
+  with pytest.raises(ValueError, match="is a speech run"):
+    api.ImageRun(workdir)
+
+
+def test_tts_notebook_runs_on_the_trained_workdir(run):
+  """notebooks/tts.ipynb after training: the unseen-voice prompt, synthesis, the log-mels."""
+  from conftest import execute_notebook  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = run
+  notebook = execute_notebook("tts.ipynb", dict(
+      WORKDIR=workdir, TRAIN=False, TEXT="six seven", PROMPT_TEXT="one two", SECONDS=0.6))
+  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
+  assert sum("audio" in out.get("data", {}).get("text/html", "") for out in outputs) == 2
+  assert any("image/png" in out.get("data", {}) for out in outputs)
+  assert any("0.6" in out.get("text", "") and "s of speech" in out.get("text", "")
+             for out in outputs)

@@ -359,7 +359,7 @@ def load_generator(config, workdir: str, mesh):
   """``(codec, codec_state, task, state, tokenizer)`` of a trained TTS run."""
   codec_task, codec_state = load_codec(config, workdir, mesh)
   _, task, tokenizer = generator_setup(config, workdir)
-  rows = math.lcm(mesh_lib.batch_shards(mesh), jax.process_count()) // jax.process_count()
+  rows = mesh_lib.example_rows(mesh)
   example = mesh_lib.global_batch({
       "codes": np.zeros((rows, task.num_positions, task.depth), np.int32),
       "label": np.zeros((rows,), np.int32),

@@ -90,6 +90,12 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
+def example_rows(mesh: Mesh) -> int:
+  """Rows per process of the smallest global batch that the batch shards and the processes
+  both divide: the example batch that gives a stage's state its shapes."""
+  return math.lcm(batch_shards(mesh), jax.process_count()) // jax.process_count()
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data and fsdp axes, the rest replicated."""
   return NamedSharding(mesh, P(batch_axes(mesh)))
