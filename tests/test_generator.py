@@ -14,7 +14,7 @@ from scipy import stats
 from conftest import tiny_config
 from resgen_jax import config_base
 from resgen_jax.codec import rvq
-from resgen_jax.generator import masking, mixture
+from resgen_jax.generator import masking, mixture, sampler
 from resgen_jax.generator.model import ResGenTransformer
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import optim, trainer
@@ -268,6 +268,39 @@ def test_target_normalisation_from_data_and_network_fn_undoes_it():
                                            valid)
   np.testing.assert_allclose(logits, raw_logits, atol=1e-6)
   np.testing.assert_allclose(means, raw_means * state["target_rms"][2], atol=1e-5)
+
+
+def test_sampling_projects_only_the_drawn_components_mean():
+  """The sampler's low-rank path (component drawn from the rows' logits, then only its row
+  mapped to d) gives the means of the full head and the same tokens, with and without CFG."""
+  task, books = tiny_task()
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  state = task.data_init(params, state, batch, jax.random.key(1))
+  rng = np.random.default_rng(3)
+  model = dict(params["model"], mean_scale=jnp.asarray(rng.normal(size=4), jnp.float32),
+               mean_shift=jnp.asarray(rng.normal(size=4), jnp.float32))
+  params = dict(params, model=model)  # a non-trivial affine map after the projection
+  codes, labels, valid = task.flatten(batch)
+  hidden = jnp.asarray(rng.integers(0, 4, codes.shape[:2]), jnp.int32)
+  full = task.network_fn(params, state, jnp.asarray(books), labels, valid)
+  lean = task.network_fn(params, state, jnp.asarray(books), labels, valid, low_rank=True)
+  logits, means = full(codes, hidden, True)
+  lean_logits, rows = lean(codes, hidden, True)
+  assert rows.shape == means.shape[:-1] + (4,)  # [B, L, K, r]
+  np.testing.assert_array_equal(logits, lean_logits)
+  projected = task.project_fn(params, state)(rows[:, :, 2], hidden)
+  np.testing.assert_allclose(projected, means[:, :, 2], rtol=1e-5, atol=1e-6)
+  for cfg_scale in (1.0, 2.5):
+    scfg = tiny_config().sampler
+    scfg.update(cfg_scale=cfg_scale, steps=4)
+    reference = sampler.unmask(
+        sampler.mixture_proposal(full, jnp.asarray(books), scfg), jnp.zeros_like(codes),
+        jnp.zeros(codes.shape, bool), jax.random.key(4), scfg)
+    ours = task.infill(params, state, jnp.asarray(books), jnp.zeros_like(codes),
+                       jnp.zeros(codes.shape, bool), valid, labels, jax.random.key(4), scfg)
+    np.testing.assert_array_equal(ours.codes, reference.codes)
+    np.testing.assert_array_equal(ours.reveal_step, reference.reveal_step)
 
 
 @pytest.mark.parametrize("kind, learn_sigma", [("jensen", False), ("nll", True)])

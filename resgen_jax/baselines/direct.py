@@ -76,7 +76,7 @@ class DirectTokenTask(GeneratorTask):
 
     return network
 
-  def proposal(self, network, codebooks, scfg, params=None, model_state=None):
+  def proposal(self, params, model_state, codebooks, labels, valid, text, scfg):
     """A token per hidden slot from its softmax; ResGen's schedule does the rest."""
-    del codebooks, params, model_state
-    return sampler.token_proposal(network, scfg)
+    return sampler.token_proposal(
+        self.network_fn(params, model_state, codebooks, labels, valid, text), scfg)

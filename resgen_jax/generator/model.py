@@ -221,13 +221,16 @@ class ResGenTransformer(nn.Module):
   @nn.compact
   def __call__(self, visible_sum: Array, hidden: Array, labels: Array,
                valid: Optional[Array] = None, train: bool = False,
-               text: Optional[Array] = None):
+               text: Optional[Array] = None, low_rank_means: bool = False):
     """Args:
       visible_sum: ``[B, L, d]``; hidden: int ``[B, L]`` in 0..D; labels: int ``[B]`` in
       0..num_classes (num_classes = null); valid: bool ``[B, L]`` (None: all valid);
-      text: int ``[B, S]`` text tokens (``TEXT_PAD`` = padding) when ``text_vocab_size``.
+      text: int ``[B, S]`` text tokens (``TEXT_PAD`` = padding) when ``text_vocab_size``;
+      low_rank_means: return the means before their shared ``r -> d`` map (the sampler
+      draws a component first and maps only its row, :meth:`project_means`).
     Returns:
-      ``head="mixture"``: logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32);
+      ``head="mixture"``: logits ``[B, L, K]`` and means ``[B, L, K, d]`` (float32), or
+      with ``low_rank_means`` their low-rank rows ``[B, L, K, r]``;
       ``head="tokens"``: logits ``[B, L, D, V]`` (float32).
     """
     batch, length, _ = visible_sum.shape
@@ -281,7 +284,17 @@ class ResGenTransformer(nn.Module):
     logits = nn.Dense(self.num_components, name="logits")(h)
     low = nn.Dense(self.num_components * self.low_rank, name="means_low_rank")(h)
     low = low.reshape(batch, length, self.num_components, self.low_rank)
-    means = nn.Dense(self.latent_dim, use_bias=False, name="means_out")(low)
+    means_out = nn.Dense(self.latent_dim, use_bias=False, name="means_out")
     mean_scale = self.param("mean_scale", nn.initializers.ones, (self.latent_dim,))
     mean_shift = self.param("mean_shift", nn.initializers.zeros, (self.latent_dim,))
-    return logits, means * mean_scale + mean_shift
+    if low_rank_means:
+      return logits, low
+    return logits, means_out(low) * mean_scale + mean_shift
+
+  def project_means(self, low: Array) -> Array:
+    """Low-rank mean rows ``[..., r]`` -> means ``[..., d]``: the head's shared ``r -> d``
+    map, scale and shift (affine, so it commutes with CFG's mix of two calls' rows).
+    Applied to one chosen component per position it skips the ``[B, L, K, d]`` tensor."""
+    params = self.variables["params"]
+    return (jnp.einsum("...r,rd->...d", low, params["means_out"]["kernel"])
+            * params["mean_scale"] + params["mean_shift"])

@@ -17,7 +17,9 @@ call (two with classifier-free guidance) plus cheap quantization, whatever the d
      change again.
 
 The network is a closure ``network_fn(codes [B,L,D], hidden [B,L], conditional: bool) ->
-(logits [B,L,K], means [B,L,K,d])``, so the loop can be tested with a fake model.
+(logits [B,L,K], means [B,L,K,d])``, so the loop can be tested with a fake model. (A trained
+ResGen returns its low-rank mean rows ``[B,L,K,r]`` instead and the proposal maps only the
+drawn component's row to ``d``: ``mixture_proposal(project_fn=...)``.)
 
 Steps 1-2 are the *proposal*; :func:`unmask` runs steps 3-4 around any proposal, so the
 direct-token baseline (a softmax per hidden depth, :func:`token_proposal`) is sampled with
@@ -161,12 +163,13 @@ def guided(network_fn: Callable, cfg: ml_collections.ConfigDict, t: Array, *inpu
 
 
 def choose_means(rng: Array, logits: Array, means: Array, temperature: float, top_p: float,
-                 noise_std) -> Array:
+                 noise_std, project: Optional[Callable] = None) -> Array:
   """Draws one component per position and returns its mean (plus optional Gaussian noise of
   std ``noise_std``, a float or one value per position ``[B, L]``).
 
   logits ``[B, L, K]``, means ``[B, L, K, d]`` -> ``[B, L, d]``. ``temperature == 0``
-  takes the most probable component.
+  takes the most probable component. With ``project`` (``[B, L, r] -> [B, L, d]``),
+  ``means`` are rows ``[B, L, K, r]`` and only the chosen one is projected.
   """
   comp_key, noise_key = jax.random.split(rng)
   if temperature > 0:
@@ -174,6 +177,8 @@ def choose_means(rng: Array, logits: Array, means: Array, temperature: float, to
   else:
     component = jnp.argmax(logits, axis=-1)
   chosen = jnp.take_along_axis(means, component[..., None, None], axis=-2)[..., 0, :]
+  if project is not None:
+    chosen = project(chosen)
   if not (isinstance(noise_std, (int, float)) and noise_std == 0):
     noise_std = jnp.asarray(noise_std, jnp.float32)[..., None]
     chosen = chosen + noise_std * jax.random.normal(noise_key, chosen.shape)
@@ -255,14 +260,20 @@ def known_prefix(known: Array) -> Array:
 
 
 def mixture_proposal(network_fn: Callable, codebooks: Array, cfg: ml_collections.ConfigDict,
-                     sigma_fn: Optional[Callable] = None) -> Callable:
+                     sigma_fn: Optional[Callable] = None,
+                     project_fn: Optional[Callable] = None) -> Callable:
   """ResGen's proposal (steps 1-2): ``(codes, hidden, t, rng) -> (candidates [B,L,D],
   log_probs [B,L,D])``; candidates at a position's hidden depths come from quantizing one
   drawn mixture mean with those depths' codebooks. With CFG the means are guided too unless
   ``cfg.guide_means`` is False (then only the component logits are). ``sigma_fn(hidden
   [B,L]) -> [B,L]``, the mixture sigma in embedding units, is what the ``mixture``
   confidence and ``sigma_noise`` (noise in units of that sigma; 1 draws from the chosen
-  component's Gaussian instead of taking its mean) need."""
+  component's Gaussian instead of taking its mean) need.
+
+  ``project_fn(rows [B,L,r], hidden [B,L]) -> means [B,L,d]``: when given, the network's
+  second output is each component's mean before an affine map (ResGen's low-rank rows) and
+  only the drawn component's row is mapped, so no ``[B, L, K, d]`` tensor is made (the map
+  is affine, so guiding rows is guiding means)."""
   if (cfg.confidence == "mixture" or cfg.sigma_noise > 0) and sigma_fn is None:
     raise ValueError("sampler.confidence='mixture' and sampler.sigma_noise > 0 need the "
                      "model's sigma (sigma_fn)")
@@ -273,7 +284,8 @@ def mixture_proposal(network_fn: Callable, codebooks: Array, cfg: ml_collections
     noise = cfg.mean_noise
     if cfg.sigma_noise > 0:
       noise = noise + cfg.sigma_noise * sigma_fn(hidden)
-    mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, noise)
+    project = None if project_fn is None else (lambda rows: project_fn(rows, hidden))
+    mean = choose_means(rng, logits, means, cfg.temperature, cfg.top_p, noise, project)
     depth = codes.shape[-1]
     temperature = 1.0 if cfg.confidence == "codebook" else 2.0 * jnp.square(sigma_fn(hidden))
     candidates = rvq.quantize(mean, codebooks, depth=depth, start_depth=depth - hidden,

@@ -297,10 +297,12 @@ class GeneratorTask(TokenTask):
     return sums
 
   def network_fn(self, params, model_state, codebooks, labels: jax.Array,
-                 valid: jax.Array, text: Optional[jax.Array] = None) -> Callable:
+                 valid: jax.Array, text: Optional[jax.Array] = None,
+                 low_rank: bool = False) -> Callable:
     """The sampler's ``(codes, hidden, conditional) -> (logits, means)`` for these labels
     (and text); means are returned in embedding units (target normalisation undone). The
-    unconditional call takes the null class and the null text."""
+    unconditional call takes the null class and the null text. ``low_rank``: the second
+    output is the means' low-rank rows ``[B, L, K, r]``, mapped by :meth:`project_fn`."""
     null = jnp.full_like(labels, self.null_class)
     null_txt = None if text is None else null_text(text)
 
@@ -308,10 +310,24 @@ class GeneratorTask(TokenTask):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
       logits, means = self.model.apply({"params": params["model"]}, visible, hidden,
                                        labels if conditional else null, valid,
-                                       text=text if conditional else null_txt)
+                                       text=text if conditional else null_txt,
+                                       low_rank_means=low_rank)
+      if low_rank:
+        return logits, means
       return logits, means * model_state["target_rms"][hidden][..., None, None]
 
     return network
+
+  def project_fn(self, params, model_state) -> Callable:
+    """``(rows [B, L, r], hidden [B, L]) -> means [B, L, d]`` in embedding units: what
+    :meth:`network_fn` with ``low_rank`` leaves undone, for one row per position."""
+
+    def project(rows, hidden):
+      means = self.model.apply({"params": params["model"]}, rows,
+                               method=ResGenTransformer.project_means)
+      return means * model_state["target_rms"][hidden][..., None]
+
+    return project
 
   def sample_tokens(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
                     scfg: ml_collections.ConfigDict) -> sampler.SampleOutput:
@@ -330,14 +346,17 @@ class GeneratorTask(TokenTask):
     labels ``[B]`` (and ``text [B, S]``); known tokens come back unchanged. Positions
     outside ``valid`` (padding) are treated as known and never attended to."""
     known = known | ~valid[..., None]
-    network = self.network_fn(params, model_state, codebooks, labels, valid, text)
-    return sampler.unmask(self.proposal(network, codebooks, scfg, params, model_state), codes,
-                          known, rng, scfg)
+    propose = self.proposal(params, model_state, codebooks, labels, valid, text, scfg)
+    return sampler.unmask(propose, codes, known, rng, scfg)
 
-  def proposal(self, network, codebooks, scfg, params=None, model_state=None):
-    """The sampler's proposal for this model's ``network_fn``: ResGen's mixture, with the
-    trained sigma (``params``, ``model_state``) for the settings that need it."""
-    scale = None
-    if params is not None:
-      scale = lambda hidden: self.embedding_sigma(params, model_state, hidden)
-    return sampler.mixture_proposal(network, codebooks, scfg, sigma_fn=scale)
+  def proposal(self, params, model_state, codebooks, labels: jax.Array, valid: jax.Array,
+               text: Optional[jax.Array], scfg: ml_collections.ConfigDict) -> Callable:
+    """The sampler's proposal for these labels (and text): ResGen's mixture with the trained
+    sigma, drawing each position's component before mapping its mean to ``d`` (peak memory
+    ``[B, L, K, r]``, not ``[B, L, K, d]``)."""
+    network = self.network_fn(params, model_state, codebooks, labels, valid, text,
+                              low_rank=True)
+    return sampler.mixture_proposal(
+        network, codebooks, scfg,
+        sigma_fn=lambda hidden: self.embedding_sigma(params, model_state, hidden),
+        project_fn=self.project_fn(params, model_state))
