@@ -3,7 +3,7 @@
     python -m bench.latency [--preset full|cpu] [--sizes digits,100m] [--sides 4,8]
         [--depths 4,8,16] [--batches 1,4,16,64] [--steps 8,16] [--cfg 1,3]
         [--families resgen,direct,rq_transformer] [--repeats 3] [--memory_budget_gb 16]
-        [--out bench/results] [--tag NAME]
+        [--out bench/results] [--tag NAME] [--head_memory]
 
 The paper's speed claim (ResGen: T network calls whatever the depth; an autoregressive RVQ
 model: L x D sequential steps) is about small batches of large models, where every
@@ -13,8 +13,7 @@ a model size (``SIZES``), a token grid ``side x side`` of depth D, a batch, T an
 scale; it records the jitted sampler's median wall-clock per image (compile excluded),
 XLA's peak bytes of the computation per image beyond the weights (at the largest batch also
 the largest batch whose peak fits ``--memory_budget_gb``, the paper's "max batch"), the
-number of sequential network calls, and
-two lower bounds on the time from the device's measured peaks (a large matmul's FLOP/s and a
+number of sequential network calls, and two lower bounds on the time from the device's measured peaks (a large matmul's FLOP/s and a
 large reduction's bytes/s, :func:`device_peaks`):
 
 * compute: the matmul FLOPs, ``2 x parameters x tokens`` summed over the calls;
@@ -28,8 +27,10 @@ the points already in ``<out>/latency_<platform>[_<tag>].json`` (the file is rew
 each point), and writes the table (``.md``) and a plot (``.png``: time per image against
 depth, one line per family, one panel per batch, at the first size, the largest side, the
 first T and CFG scale). Runs unchanged on CPU, GPU or TPU; ``--preset cpu`` is a grid a
-2-core machine finishes in about 20 minutes (the issue's headline point: ~100M
-parameters, 8x8, depths 4 and 16, batch <= 4).
+2-core machine finishes in about 10 minutes (the issue's headline point: ~100M
+parameters, 8x8, depths 4 and 16, batch <= 4). ``--head_memory`` adds ResGen's sampler
+peak with every component's mean ``[B, L, K, d]`` made against the drawn component's only
+(:func:`head_memory`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from PIL import Image
 
 from bench import compare, study
 from bench.timing import median_seconds
+from resgen_jax.generator import sampler
 from resgen_jax.utils import files
 
 # Model sizes: ResGen's (width, layers, heads); baselines are matched by their layers.
@@ -135,6 +137,42 @@ def measure(config, family: str, size: str, side: int, depth: int, batch: int, s
              achieved_flops_per_s=row["flops"] / seconds,
              achieved_bytes_per_s=row["streamed_bytes"] / seconds)
   return row
+
+
+HEAD_SHAPES = ((16, 16, 16), (256, 64, 16), (256, 64, 64))  # (d, r, K): digits, ImageNet, K=64
+
+
+def head_memory(batch: int = 64, side: int = 8, depth: int = 16) -> List[dict]:
+  """Peak bytes per image (weights excluded) of ResGen's sampler with every component's
+  mean made ``[B, L, K, d]`` (``network_fn`` without ``low_rank``) against the low-rank
+  rows with only the drawn component projected (what ``infill`` runs), per head shape."""
+  rows = []
+  config = size_config("digits")
+  for dim, rank, components in HEAD_SHAPES:
+    config.generator.model.update(num_components=components, low_rank=rank)
+    books = np.random.default_rng(0).normal(size=(depth, compare.CODEBOOK_SIZE, dim))
+    task = compare.make_task(config, depth, side, books)
+    params, state = compare.init(task)
+    labels = jnp.arange(batch, dtype=jnp.int32) % task.num_classes
+    valid = jnp.ones((batch, side * side), bool)
+    start = jnp.zeros((batch, side * side, depth), jnp.int32)
+    known, scfg = jnp.zeros(start.shape, bool), config.sampler
+
+    def full(p, s, rng):
+      network = task.network_fn(p, s, task.codebooks, labels, valid)
+      return sampler.unmask(sampler.mixture_proposal(network, task.codebooks, scfg), start,
+                            known, rng, scfg).codes
+
+    def low_rank(p, s, rng):
+      return task.infill(p, s, task.codebooks, start, known, valid, labels, rng, scfg).codes
+
+    peaks = [(compare.peak_bytes(jax.jit(f).lower(params, state, jax.random.key(0)).compile())
+              - param_bytes(params)) / batch for f in (full, low_rank)]
+    rows.append({"latent_dim": dim, "low_rank": rank, "num_components": components,
+                 "batch": batch, "side": side, "depth": depth,
+                 "all_means_bytes_per_image": peaks[0], "drawn_mean_bytes_per_image": peaks[1]})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
 
 
 def point_key(row: dict) -> tuple:
@@ -226,6 +264,8 @@ def main():
                       help="max batch under this budget, found at the largest batch; 0: off")
   parser.add_argument("--out", default=os.path.join(compare.REPO, "bench", "results"))
   parser.add_argument("--tag", default="")
+  parser.add_argument("--head_memory", action="store_true",
+                      help="also ResGen's peak with all K means against the drawn one's")
   args = parser.parse_args()
   grid = {name: getattr(args, name) or value for name, value in PRESETS[args.preset].items()}
   sizes = grid["sizes"].split(",")
@@ -250,10 +290,15 @@ def main():
   peaks = previous.get("peaks") or device_peaks()
   print(json.dumps({"platform": platform, "device": str(jax.devices()[0]), **peaks}))
 
+  heads = previous.get("head_memory", [])
+  if args.head_memory:
+    heads = head_memory()
+
   def save():
     files.save_json(path + ".json", {
         "platform": platform, "device": str(jax.devices()[0]), "peaks": peaks,
-        "repeats": args.repeats, "rows": rows, "summary": summary(rows)})
+        "repeats": args.repeats, "rows": rows, "summary": summary(rows),
+        "head_memory": heads})
 
   for size in sizes:
     config = size_config(size)
