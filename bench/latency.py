@@ -3,7 +3,7 @@
     python -m bench.latency [--preset full|cpu] [--sizes digits,100m] [--sides 4,8]
         [--depths 4,8,16] [--batches 1,4,16,64] [--steps 8,16] [--cfg 1,3]
         [--families resgen,direct,rq_transformer] [--repeats 3] [--memory_budget_gb 16]
-        [--out bench/results] [--tag NAME] [--head_memory]
+        [--out bench/results] [--tag NAME] [--head_memory] [--agreement WORKDIR]
 
 The paper's speed claim (ResGen: T network calls whatever the depth; an autoregressive RVQ
 model: L x D sequential steps) is about small batches of large models, where every
@@ -30,7 +30,8 @@ first T and CFG scale). Runs unchanged on CPU, GPU or TPU; ``--preset cpu`` is a
 2-core machine finishes in about 10 minutes (the issue's headline point: ~100M
 parameters, 8x8, depths 4 and 16, batch <= 4). ``--head_memory`` adds ResGen's sampler
 peak with every component's mean ``[B, L, K, d]`` made against the drawn component's only
-(:func:`head_memory`).
+(:func:`head_memory`); ``--agreement WORKDIR`` samples a trained run in bfloat16 and in
+float32 from one seed and reports how many tokens agree (:func:`dtype_agreement`).
 """
 
 from __future__ import annotations
@@ -175,6 +176,24 @@ def head_memory(batch: int = 64, side: int = 8, depth: int = 16) -> List[dict]:
   return rows
 
 
+def dtype_agreement(workdir: str, count: int, repeats: int) -> dict:
+  """A trained run sampled in float32 and in bfloat16 (``sampler.dtype``) from the same
+  seed: the fraction of equal tokens (all, and by depth) and the time per image of each."""
+  from resgen_jax import api  # pylint: disable=import-outside-toplevel (loads a workdir)
+  run = api.load(workdir)
+  out, codes = {"workdir": workdir, "count": count}, {}
+  for dtype in ("float32", "bfloat16"):
+    draw = lambda: run.sample(count=count, seed=0, dtype=dtype)
+    out[f"{dtype}_seconds_per_image"] = median_seconds(lambda: draw().codes, repeats) / count
+    codes[dtype] = draw().codes
+  same = codes["float32"] == codes["bfloat16"]  # [N, h, w, D]
+  out.update(equal_tokens=float(same.mean()),
+             equal_tokens_by_depth=[float(v) for v in same.mean(axis=(0, 1, 2))],
+             equal_images=float(same.all(axis=(1, 2, 3)).mean()))
+  print(json.dumps(out), flush=True)
+  return out
+
+
 def point_key(row: dict) -> tuple:
   return (row["family"], row["size"], row["side"], row["depth"], row["batch"], row["steps"],
           float(row["cfg_scale"]))
@@ -266,6 +285,9 @@ def main():
   parser.add_argument("--tag", default="")
   parser.add_argument("--head_memory", action="store_true",
                       help="also ResGen's peak with all K means against the drawn one's")
+  parser.add_argument("--agreement", default="",
+                      help="a trained workdir: its samples in bfloat16 against float32")
+  parser.add_argument("--agreement_samples", type=int, default=500)
   args = parser.parse_args()
   grid = {name: getattr(args, name) or value for name, value in PRESETS[args.preset].items()}
   sizes = grid["sizes"].split(",")
@@ -290,15 +312,16 @@ def main():
   peaks = previous.get("peaks") or device_peaks()
   print(json.dumps({"platform": platform, "device": str(jax.devices()[0]), **peaks}))
 
-  heads = previous.get("head_memory", [])
-  if args.head_memory:
-    heads = head_memory()
+  heads = head_memory() if args.head_memory else previous.get("head_memory", [])
+  agreement = previous.get("bf16_agreement", {})
+  if args.agreement:
+    agreement = dtype_agreement(args.agreement, args.agreement_samples, args.repeats)
 
   def save():
     files.save_json(path + ".json", {
         "platform": platform, "device": str(jax.devices()[0]), "peaks": peaks,
         "repeats": args.repeats, "rows": rows, "summary": summary(rows),
-        "head_memory": heads})
+        "head_memory": heads, "bf16_agreement": agreement})
 
   for size in sizes:
     config = size_config(size)
@@ -320,6 +343,7 @@ def main():
                 save()
                 print(json.dumps(dict(rows[-1], wall_s=time.perf_counter() - start)),
                       flush=True)
+  save()
   table = markdown(rows)
   print(table)
   print(json.dumps(summary(rows), indent=2))

@@ -189,6 +189,9 @@ def sampler_config() -> ml_collections.ConfigDict:
       # component's Gaussian, not its mean), on top of mean_noise
       sigma_noise=0.0,
       guide_means=True,  # ResGen with CFG: guide the means too (False: the logits only)
+      # the network's compute dtype while sampling: "" (as trained), float32 or bfloat16
+      # (parameters stay float32; bf16 vs float32 tokens: README, "Speed ... latency")
+      dtype="",
       samples_per_class=16,  # --mode=sample draws this many images of every class
       batch_size=256,  # samples per jitted sampler call
       seed=0,  # sampling seed

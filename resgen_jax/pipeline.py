@@ -97,16 +97,19 @@ def config_differences(saved: dict, current: dict) -> list:
 STAGE_SECTIONS = ("tokenizer", "generator")
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config
-  (the fields of a stage without checkpoints yet may change). Returns whether the file was
-  created (there was none)."""
+  (the fields of a stage without checkpoints yet may change). Returns the file's previous
+  text ("" when there was none), for :func:`run` to put back if the run then fails having
+  trained nothing."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = config.to_dict()
   resolved = json.loads(config.to_json())
+  previous = ""
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      previous = f.read()
+    saved = json.loads(previous)
     untrained = [s for s in STAGE_SECTIONS
                  if trainer.latest_checkpoint_step(os.path.join(workdir, s)) is None]
     diff = [k for k in config_differences(saved, current)
@@ -117,11 +120,28 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
           f"resuming would mix incompatible checkpoints. Use a new --workdir, or the "
           f"config in {path}.")
     if saved == resolved:  # unchanged: not rewritten (a read-only workdir can be sampled)
-      return False
-  created = not os.path.exists(path)
+      return previous
   if jax.process_index() == 0:
     files.save_json(path, resolved)
-  return created
+  return previous
+
+
+def checkpoint_steps(workdir: str) -> tuple:
+  """The latest checkpoint step of every trained stage (None where there is none)."""
+  return tuple(trainer.latest_checkpoint_step(os.path.join(workdir, s)) for s in STAGE_SECTIONS)
+
+
+def restore_run_config(workdir: str, previous: str) -> None:
+  """Puts ``config.json`` back as it was before a failed run (removes it if it was new)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not previous:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  with files.atomic_write(path) as tmp, open(tmp, "w") as f:
+    f.write(previous)
 
 
 # ----------------------------------------------------------------------------------------
@@ -804,15 +824,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
     raise ValueError(f"generator.family must be one of {sorted(FAMILIES)}, got "
                      f"{config.generator.family!r}")
   os.makedirs(workdir, exist_ok=True)
-  created = write_run_config(config, workdir)
+  steps_before = checkpoint_steps(workdir)
+  previous = write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   try:
     for stage in stages:
       logging.info("stage %s", stage)
       table[stage](config, workdir, mesh)
-  except trainer.CheckpointMismatchError:
-    # A workdir without config.json whose checkpoints another config wrote: the refused
-    # run must not leave its own config.json, which would then refuse the right one.
-    if created and jax.process_index() == 0:
-      os.remove(os.path.join(workdir, CONFIG_FILE))
+  except Exception:
+    # A refused or failed run that trained nothing leaves the run's record as it was: an
+    # evaluation refused for its settings must not record them, and a workdir without
+    # config.json whose checkpoints another config wrote must not get this one's (it would
+    # then refuse the right config). Once a checkpoint is written the new record stays.
+    if checkpoint_steps(workdir) == steps_before:
+      restore_run_config(workdir, previous)
     raise

@@ -148,6 +148,20 @@ def test_bad_input_is_a_clear_error(run, real, tmp_path):
     run.inpaint(images, np.zeros((8, 4, 4), bool), labels[:4])
 
 
+def test_inpainting_is_refused_for_the_autoregressive_baseline(run, real, monkeypatch):
+  """The RQ-Transformer draws in raster order and cannot keep given tokens."""
+  images, labels = real
+  config = run.config.copy_and_resolve_references()
+  config.generator.family = "rq_transformer"
+  task = pipeline.FAMILIES["rq_transformer"](
+      config.generator, np.asarray(run.gen_task.codebooks), run.gen_task.num_positions,
+      run.gen_task.depth, run.num_classes)
+  monkeypatch.setattr(run, "config", config)
+  monkeypatch.setattr(run, "gen_task", task)
+  with pytest.raises(ValueError, match="'rq_transformer' cannot inpaint"):
+    run.inpaint(images, np.ones((8, 4, 4), bool), labels)
+
+
 def test_workdirs_that_cannot_load(workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="is not a run's workdir.*config.json"):
     api.load(str(tmp_path))

@@ -301,6 +301,12 @@ def test_sampling_projects_only_the_drawn_components_mean():
                        jnp.zeros(codes.shape, bool), valid, labels, jax.random.key(4), scfg)
     np.testing.assert_array_equal(ours.codes, reference.codes)
     np.testing.assert_array_equal(ours.reveal_step, reference.reveal_step)
+  # sampler.dtype=bfloat16 runs the float32 parameters in bf16: close, not the same.
+  half_logits, half_rows = task.network_fn(params, state, jnp.asarray(books), labels, valid,
+                                           low_rank=True, dtype="bfloat16")(codes, hidden, True)
+  assert not np.array_equal(half_logits, logits)
+  np.testing.assert_allclose(half_logits, logits, atol=0.1 * np.abs(logits).max())
+  np.testing.assert_allclose(half_rows, rows, atol=0.1 * np.abs(rows).max())
 
 
 @pytest.mark.parametrize("kind, learn_sigma", [("jensen", False), ("nll", True)])

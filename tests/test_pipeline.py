@@ -322,8 +322,13 @@ def test_another_sampler_setting_makes_another_sample_set(trained):
 def test_evaluation_with_other_settings_does_not_reuse_the_report(trained):
   config = trained_config()
   config.evaluation.classifier_steps = 60
+  path = os.path.join(trained, pipeline.CONFIG_FILE)
+  with open(path) as f:
+    before = f.read()
   with pytest.raises(ValueError, match="computed with evaluation settings"):
     pipeline.run(config, trained, stages=("evaluate",))
+  with open(path) as f:  # the refused run did not record its settings as the run's
+    assert f.read() == before
 
 
 def test_sampling_needs_trained_models(tmp_path):

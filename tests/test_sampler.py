@@ -317,6 +317,8 @@ def test_bad_sampler_config_values():
     run(Recorder(4), 4, sampler_cfg(confidence_depths="sum"))
   with pytest.raises(ValueError, match="sigma_noise must be >= 0"):
     run(Recorder(4), 4, sampler_cfg(sigma_noise=-1.0))
+  with pytest.raises(ValueError, match="sampler.dtype must be one of"):
+    run(Recorder(4), 4, sampler_cfg(dtype="float16"))
 
 
 def test_schedule_table_is_exact_at_and_near_integers():

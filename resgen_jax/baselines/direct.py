@@ -62,21 +62,23 @@ class DirectTokenTask(GeneratorTask):
     return loss, {"nll": loss, "accuracy": accuracy,
                   "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth)}
 
-  def network_fn(self, params, model_state, codebooks, labels, valid, text=None):
-    """The sampler's ``(codes, hidden, conditional) -> logits [B, L, D, V]``."""
+  def network_fn(self, params, model_state, codebooks, labels, valid, text=None, dtype=""):
+    """The sampler's ``(codes, hidden, conditional) -> logits [B, L, D, V]`` (``dtype``:
+    :meth:`sampling_model`)."""
     del model_state
+    model = self.sampling_model(dtype)
     if text is not None:
       raise ValueError("the direct-token baseline is not text-conditioned")
     null = jnp.full_like(labels, self.null_class)
 
     def network(codes, hidden, conditional):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
-      return self.model.apply({"params": params["model"]}, visible, hidden,
+      return model.apply({"params": params["model"]}, visible, hidden,
                               labels if conditional else null, valid)
 
     return network
 
   def proposal(self, params, model_state, codebooks, labels, valid, text, scfg):
     """A token per hidden slot from its softmax; ResGen's schedule does the rest."""
-    return sampler.token_proposal(
-        self.network_fn(params, model_state, codebooks, labels, valid, text), scfg)
+    return sampler.token_proposal(self.network_fn(
+        params, model_state, codebooks, labels, valid, text, scfg.get("dtype", "")), scfg)

@@ -318,14 +318,16 @@ class RQTransformerTask(TokenTask):
     return {"loss": jnp.sum(nll * valid), "nll": jnp.sum(nll * valid),
             "accuracy": jnp.sum(accuracy * valid), "count": jnp.sum(valid)}
 
-  def empty_caches(self, batch: int, length: int, num_blocks: int) -> List[KVCache]:
-    """Zero key/value caches of ``length`` steps for ``num_blocks`` blocks."""
+  def empty_caches(self, batch: int, length: int, num_blocks: int,
+                   dtype=None) -> List[KVCache]:
+    """Zero key/value caches of ``length`` steps for ``num_blocks`` blocks (``dtype``: the
+    compute dtype, default the model's)."""
     m = self.cfg.model
     shape = (batch, length, m.num_heads, m.width // m.num_heads)
-    zeros = lambda: jnp.zeros(shape, DTYPES[m.dtype])
+    zeros = lambda: jnp.zeros(shape, dtype or DTYPES[m.dtype])
     return [(zeros(), zeros()) for _ in range(num_blocks)]
 
-  def cached_decoder(self, variables, codebooks, labels: Array):
+  def cached_decoder(self, variables, codebooks, labels: Array, model=None):
     """``(initial state, begin_position, token_logits)`` of the cached sampler.
 
     The state is the spatial caches, the current context h ``[N, W]`` and the depth caches
@@ -333,13 +335,14 @@ class RQTransformerTask(TokenTask):
     position ``i - 1``'s tokens; ``token_logits(state, codes, i, j)`` one depth step on the
     partial sum of position ``i``'s depths before ``j``.
     """
+    model = model or self.model  # the network to run (:meth:`sampling_model`)
     n = labels.shape[0]
-    fresh_depth = self.empty_caches(n, self.depth, self.cfg.rq.depth_layers)
+    fresh_depth = self.empty_caches(n, self.depth, self.cfg.rq.depth_layers, model.dtype)
 
     def begin_position(state, codes, i):
       spatial_caches, _, _ = state
       prev = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(i - 1, 0), axis=1)  # [N, 1, D]
-      h, spatial_caches = self.model.apply(
+      h, spatial_caches = model.apply(
           variables, rvq.embed(prev, codebooks).sum(-2), labels, i, spatial_caches,
           method=RQTransformer.spatial)
       return spatial_caches, h[:, 0], fresh_depth
@@ -347,20 +350,22 @@ class RQTransformerTask(TokenTask):
     def token_logits(state, codes, i, j):
       spatial_caches, h, depth_caches = state
       current = jax.lax.dynamic_index_in_dim(codes, i, axis=1)  # [N, 1, D], depths < j set
-      logits, depth_caches = self.model.apply(
+      logits, depth_caches = model.apply(
           variables, h, rvq.embed(current, codebooks).sum(-2), labels, j, depth_caches,
           method=RQTransformer.depth)
       return logits[:, 0], (spatial_caches, h, depth_caches)
 
-    spatial = self.empty_caches(n, self.num_positions, self.cfg.model.num_layers)
-    context = jnp.zeros((n, self.cfg.model.width), DTYPES[self.cfg.model.dtype])
+    spatial = self.empty_caches(n, self.num_positions, self.cfg.model.num_layers, model.dtype)
+    context = jnp.zeros((n, self.cfg.model.width), model.dtype)
     return (spatial, context, fresh_depth), begin_position, token_logits
 
-  def full_decoder(self, variables, codebooks, labels: Array):
+  def full_decoder(self, variables, codebooks, labels: Array, model=None):
     """The uncached reference with the interface of :meth:`cached_decoder`: the whole
     teacher-forced forward on the partly filled grid for every token."""
+    model = model or self.model
+
     def token_logits(state, codes, i, j):
-      logits = self.model.apply(variables, rvq.embed(codes, codebooks), labels)
+      logits = model.apply(variables, rvq.embed(codes, codebooks), labels)
       return logits[jnp.arange(codes.shape[0]), i, j], state
     return (), lambda state, codes, i: state, token_logits
 
@@ -401,8 +406,9 @@ class RQTransformerTask(TokenTask):
     streams = (jnp.concatenate([labels, jnp.full_like(labels, self.null_class)]) if guided
                else labels).astype(jnp.int32)
     decoder = self.cached_decoder if use_cache else self.full_decoder
-    state, begin_position, token_logits = decoder({"params": params["model"]}, codebooks,
-                                                  streams)
+    state, begin_position, token_logits = decoder(
+        {"params": params["model"]}, codebooks, streams,
+        self.sampling_model(scfg.get("dtype", "")))
 
     draws = self.num_positions * self.depth
 

@@ -58,6 +58,8 @@ CONFIDENCES = ("codebook", "mixture")
 # its first hidden token, so positions are revealed whole (all their depths from one
 # proposal, a schedule over positions in effect) except where a step's count ends mid-way.
 CONFIDENCE_DEPTHS = ("each", "first")
+# The network's compute dtype while sampling ("": the dtype it was trained with).
+SAMPLING_DTYPES = ("", "float32", "bfloat16")
 
 
 @flax.struct.dataclass
@@ -142,6 +144,9 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
   if cfg.mean_noise < 0 or cfg.sigma_noise < 0:
     raise ValueError(f"sampler.mean_noise and sampler.sigma_noise must be >= 0, got "
                      f"{cfg.mean_noise} and {cfg.sigma_noise}")
+  if cfg.get("dtype", "") not in SAMPLING_DTYPES:
+    raise ValueError(f"sampler.dtype must be one of {SAMPLING_DTYPES} ('' = the trained "
+                     f"dtype), got {cfg.dtype!r}")
   guidance_scale(cfg.cfg_scale, cfg.cfg_ramp, 0, cfg.steps)  # validates the ramp
 
 

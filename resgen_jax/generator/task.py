@@ -99,6 +99,11 @@ class TokenTask(Task):
     """``(codes [B, L, D], labels [B], valid [B, L])`` (see :func:`flatten_tokens`)."""
     return flatten_tokens(batch, self.depth)
 
+  def sampling_model(self, dtype: str = ""):
+    """The network computing in ``dtype`` (``sampler.dtype``; "" keeps the trained one).
+    Parameters stay float32 either way, so a float32-trained checkpoint samples in bf16."""
+    return self.model if not dtype else self.model.clone(dtype=DTYPES[dtype])
+
   def sample_tokens(self, params, model_state, codebooks, labels: jax.Array, rng: jax.Array,
                     scfg: ml_collections.ConfigDict) -> sampler.SampleOutput:
     """Class-conditional samples with their reveal history: labels ``[B]`` ->
@@ -298,17 +303,19 @@ class GeneratorTask(TokenTask):
 
   def network_fn(self, params, model_state, codebooks, labels: jax.Array,
                  valid: jax.Array, text: Optional[jax.Array] = None,
-                 low_rank: bool = False) -> Callable:
+                 low_rank: bool = False, dtype: str = "") -> Callable:
     """The sampler's ``(codes, hidden, conditional) -> (logits, means)`` for these labels
     (and text); means are returned in embedding units (target normalisation undone). The
     unconditional call takes the null class and the null text. ``low_rank``: the second
-    output is the means' low-rank rows ``[B, L, K, r]``, mapped by :meth:`project_fn`."""
+    output is the means' low-rank rows ``[B, L, K, r]``, mapped by :meth:`project_fn`;
+    ``dtype``: see :meth:`sampling_model`."""
     null = jnp.full_like(labels, self.null_class)
     null_txt = None if text is None else null_text(text)
+    model = self.sampling_model(dtype)
 
     def network(codes, hidden, conditional):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
-      logits, means = self.model.apply({"params": params["model"]}, visible, hidden,
+      logits, means = model.apply({"params": params["model"]}, visible, hidden,
                                        labels if conditional else null, valid,
                                        text=text if conditional else null_txt,
                                        low_rank_means=low_rank)
@@ -355,7 +362,7 @@ class GeneratorTask(TokenTask):
     sigma, drawing each position's component before mapping its mean to ``d`` (peak memory
     ``[B, L, K, r]``, not ``[B, L, K, d]``)."""
     network = self.network_fn(params, model_state, codebooks, labels, valid, text,
-                              low_rank=True)
+                              low_rank=True, dtype=scfg.get("dtype", ""))
     return sampler.mixture_proposal(
         network, codebooks, scfg,
         sigma_fn=lambda hidden: self.embedding_sigma(params, model_state, hidden),
