@@ -25,6 +25,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Child processes (the command line, several hosts, notebook kernels) run tiny configs that
+# spend most of their time compiling, without this session's compilation cache: XLA's quick
+# compile mode cuts test_multiprocess.py from 131 s to 80 s. Their checks compare child
+# processes with each other or test files and text, never bits with in-process results.
+CHILD_JAX_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
+
 def tiny_config(num_steps: int = 4):
   """The digits pipeline shrunk to a ~10k-parameter tokenizer and a few steps."""
   config = config_base.base_config()
@@ -110,7 +117,7 @@ def execute_notebook(name: str, parameters: dict):
       p for p in (root, os.environ.get("PYTHONPATH")) if p),
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **CHILD_JAX_ENV)
   client = nbclient.NotebookClient(notebook, timeout=NOTEBOOK_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": NOTEBOOKS}})
   old = dict(os.environ)

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import CHILD_JAX_ENV
 from resgen_jax.train import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def free_port() -> int:
 
 
 def start(args, devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **CHILD_JAX_ENV,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID,
                distributed.ENV_AUTO):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TRAINED_STEPS, tiny_config, trained_config
+from conftest import CHILD_JAX_ENV, TRAINED_STEPS, tiny_config, trained_config
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax import pipeline
@@ -426,7 +426,7 @@ def test_command_line_overrides_and_config_json(tmp_path):
   cmd = [sys.executable, "-m", "resgen_jax.main", "--config=configs/digits.py",
          f"--workdir={workdir}", "--config.stages=('tokenizer',)"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **CHILD_JAX_ENV)
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:

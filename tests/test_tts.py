@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import CHILD_JAX_ENV
 from resgen_jax import pipeline
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import espeak, frontend, tts
@@ -85,7 +86,8 @@ def test_synthesize_cli_writes_a_wav_of_the_expected_length(run, tmp_path):
        "--mode=synthesize", *cli_flags(), "--config.synth.text=six seven",
        f"--config.synth.prompt_wav={prompt}", "--config.synth.prompt_text=one two three four",
        f"--config.synth.seconds={seconds}", f"--config.synth.output={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=dict(os.environ, **CHILD_JAX_ENV), capture_output=True, text=True,
+      timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   wave, rate = frontend.read_wav(out)
   audio = config.audio
