@@ -52,6 +52,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _hide_gpus_from_tensorflow()
   import jax  # pylint: disable=g-import-not-at-top
+  # Random bits that do not depend on how arrays are sharded: a run draws the same masks,
+  # dropout and samples on any mesh and any number of hosts (JAX's default since 0.5,
+  # pinned here because resumption on another mesh relies on it).
+  jax.config.update("jax_threefry_partitionable", True)
   from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
   from resgen_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value,

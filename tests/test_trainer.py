@@ -147,10 +147,15 @@ def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_ends_the_same(tmp_pa
   assert "4.unreadable" in os.listdir(ckpt_dir)
 
 
-def test_metrics_jsonl_rows_and_no_duplicates_after_resume(tmp_path, mesh):
+def test_metrics_jsonl_rows_and_no_duplicates_after_resume(tmp_path, mesh, caplog):
   it = ToyIterator(on_batch=lambda n: n == 3 and os.kill(os.getpid(), signal.SIGTERM))
   run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100), it=it)  # saved at 4 by SIGTERM
-  run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100))
+  with caplog.at_level("INFO"):
+    run(tmp_path, mesh, cfg=train_cfg(checkpoint_every=100))
+  # Each stage logs its parameter overview (name, shape, size, total) when it starts.
+  assert "linear parameters:" in caplog.text
+  assert f"| w    | ({DIM},)  | float32 | {DIM}    |" in caplog.text
+  assert f"Total: {DIM} -- {4 * DIM} bytes" in caplog.text
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   train_rows = [r["step"] for r in rows if "train/loss" in r]
   assert train_rows == [2, 4, 6]

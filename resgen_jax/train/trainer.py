@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from clu import periodic_actions
+from clu import parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from resgen_jax.train import mesh as mesh_lib
@@ -532,6 +532,8 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
   example = mesh_lib.global_batch(next(train_iter), mesh)  # the first batch, for shapes
   train_iter.set_state(position)
   abstract, shardings = state_layout(task, optimizer, init_key, example, ema, mesh, rules)
+  logging.info("%s parameters:\n%s", task.name, parameter_overview.get_parameter_overview(
+      abstract.params, include_stats=False))
   if latest is None:
     state = create_train_state(task, optimizer, init_key, example, ema, shardings)
     state = state.replace(model_state=jax.jit(
