@@ -5,6 +5,7 @@
         [--train_steps 1000] [--samples 2000] [--variant base --set generator.loss.x=y ...] \
         [--sampler name:field=value,field=value ...]
     python -m bench.study report --data digits      # tables and plots from finished runs
+    python -m bench.study pack --data cifar10 --workdir /tmp/study   # the base, for git
 
 One tokenizer per data set, at depth ``MAX_DEPTH`` with quantizer dropout (so every depth
 prefix decodes), is trained once under ``WORKDIR/<data>/base`` with its token cache; every
@@ -22,6 +23,12 @@ with a bootstrap over the samples for the Frechet distance's own noise, and the 
 time per image. Every finished (run, sampler) writes its own
 ``<out>/<data>/<variant>/<family>_d<D>_s<seed>__<sampler>.json``, and a rerun skips it: the
 study goes on in pieces, each result committed as it lands.
+
+``pack`` writes the trained base tokenizer (its last checkpoint, report, image spec and
+the base's ``config.json``; about 10 MB for CIFAR-10) to
+``<out>/<data>/base.tar.gz``; ``run`` unpacks it into an empty base instead of training the
+tokenizer again, so a new machine only re-encodes (a base of another config is refused by
+the usual run-config check).
 
 ``report`` aggregates what exists: per variant, sampler, family and depth the mean and std
 over seeds (``table.md``, ``summary.json``), quality against sampling time (the paper's
@@ -47,6 +54,7 @@ from resgen_jax import config_base, pipeline
 from resgen_jax.codec import token_cache
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import trainer
 from resgen_jax.utils import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +69,10 @@ PROXY_POINTS = 5  # train/fid_proxy evaluations over a run (the learning curve)
 PROXY_SAMPLES = 500
 CIFAR_TOKENIZER_STEPS = 3000
 REQUANT_DRAWS, REQUANT_BATCH = 3, 1000  # masks per held-out example; examples per call
+BASE_ARCHIVE = "base.tar.gz"  # <out>/<data>/: the packed base tokenizer (``pack``)
+# What a packed base holds (paths under the base); the last checkpoint is added by pack.
+PACKED = (pipeline.CONFIG_FILE, os.path.join("tokenizer", pipeline.RESULTS_FILE),
+          os.path.join("tokenizer", pipeline.IMAGE_SPEC_FILE))
 PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
 COLOURS = {"resgen": "blue", "direct": "green", "rq_transformer": "red"}
 
@@ -147,10 +159,39 @@ def parse_sampler(spec: str):
   return name, settings
 
 
-def prepare_base(config, workdir: str) -> str:
-  """Trains the shared tokenizer and encodes the data (resumable); trains the evaluation
-  classifier once. -> the base workdir."""
+def pack_base(workdir: str, archive: str) -> None:
+  """The base's trained tokenizer (last checkpoint, report, image spec, config.json) as a
+  tar.gz at ``archive``; the checkpoint is the whole state, so what resuming needs is kept."""
   base = os.path.join(workdir, BASE_DIR)
+  step = trainer.latest_checkpoint_step(os.path.join(base, "tokenizer"))
+  missing = [p for p in PACKED if not os.path.exists(os.path.join(base, p))]
+  if step is None or missing:
+    raise SystemExit(f"{base} holds no finished tokenizer to pack (missing: "
+                     f"{missing or ['a checkpoint']})")
+  checkpoint = os.path.join("tokenizer", "checkpoints", str(step))
+  with files.atomic_write(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    for path in PACKED + (checkpoint,):
+      tar.add(os.path.join(base, path), arcname=path)
+  print(f"wrote {archive} ({os.path.getsize(archive) / 2 ** 20:.1f} MiB, tokenizer step {step})")
+
+
+def unpack_base(archive: str, base: str) -> bool:
+  """Unpacks a packed base into ``base`` when it holds no tokenizer yet. -> whether it did."""
+  if not os.path.exists(archive) or os.path.exists(os.path.join(base, "tokenizer")):
+    return False
+  os.makedirs(base, exist_ok=True)
+  with tarfile.open(archive) as tar:
+    tar.extractall(base, filter="data")
+  print(f"unpacked the base tokenizer from {archive}", flush=True)
+  return True
+
+
+def prepare_base(config, workdir: str, archive: str = "") -> str:
+  """Trains the shared tokenizer (or unpacks ``archive``, see :func:`pack_base`) and
+  encodes the data (resumable); trains the evaluation classifier once. -> the base."""
+  base = os.path.join(workdir, BASE_DIR)
+  if archive:
+    unpack_base(archive, base)
   pipeline.run(config, base, stages=("tokenizer", "encode"))
   if config.evaluation.extractor == "classifier":
     pipeline.classifier_params(config, base)
@@ -247,7 +288,8 @@ def score(config, run: str, mesh) -> dict:
 def run_study(args) -> None:
   config = data_config(args.data, args.workdir)
   workdir = os.path.join(args.workdir, args.data)
-  base = prepare_base(config, workdir)  # the same for every variant
+  # the same for every variant
+  base = prepare_base(config, workdir, os.path.join(args.out, args.data, BASE_ARCHIVE))
   for assignment in args.set:
     set_field(config, assignment)
   meta, books = token_cache.load_meta(base)
@@ -500,7 +542,7 @@ def report(args) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("command", choices=("run", "report", "pack"))
   parser.add_argument("--data", default="digits")
   parser.add_argument("--workdir", default="/tmp/resgen_study")
   parser.add_argument("--families", default=",".join(compare.FAMILIES))
@@ -528,6 +570,10 @@ def main():
     parser.error("--set changes the config: name the variant (--variant NAME)")
   if args.samples < 2 * 10 or args.train_steps < 1:
     parser.error("--samples must be >= 20 and --train_steps >= 1")
+  if args.command == "pack":
+    pack_base(os.path.join(args.workdir, args.data),
+              os.path.join(args.out, args.data, BASE_ARCHIVE))
+    return
   (run_study if args.command == "run" else report)(args)
 
 

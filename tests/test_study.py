@@ -1,11 +1,17 @@
 """bench/study.py's bookkeeping: sampler labels from recorded settings, seed statistics,
-the bootstrap, and the command-line overrides."""
+the bootstrap, the command-line overrides, and moving a trained base between machines."""
 
+import os
+
+import jax
 import numpy as np
 import pytest
 
 from bench import study
-from resgen_jax import config_base
+from conftest import TRAINED_STEPS, trained_config
+from resgen_jax import config_base, pipeline
+from resgen_jax.train import mesh as mesh_lib
+from resgen_jax.train import trainer
 from resgen_jax.evaluation import features as features_lib
 
 
@@ -70,3 +76,27 @@ def test_the_headline_puts_both_reveal_rules_side_by_side():
   lines = table.strip().split("\n")
   assert lines[2] == "| resgen | 4 | 20.00 +- nan (1) | 11.00 +- 1.41 (2) | 0.500 | 0.200 |"
   assert lines[3].startswith("| rq_transformer | 4 | 5.00 +- nan (1) | 5.00 +- nan (1) |")
+
+
+def test_a_packed_base_unpacks_to_the_same_finished_tokenizer(trained_run, tmp_path):
+  """pack -> unpack moves the trained tokenizer between machines: the finished step, its
+  report and the same weights; an existing base is never overwritten."""
+  work = tmp_path / "work"
+  work.mkdir()
+  os.symlink(trained_run, work / study.BASE_DIR)
+  archive = str(tmp_path / study.BASE_ARCHIVE)
+  study.pack_base(str(work), archive)
+  base = str(tmp_path / "new" / study.BASE_DIR)
+  assert study.unpack_base(archive, base)
+  assert not study.unpack_base(archive, base)  # a base with a tokenizer stays as it is
+  assert trainer.latest_checkpoint_step(os.path.join(base, "tokenizer")) == TRAINED_STEPS
+  for name in study.PACKED:
+    with open(os.path.join(base, name)) as f, open(os.path.join(trained_run, name)) as g:
+      assert f.read() == g.read(), name
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  config = trained_config()
+  (_, ours), (_, theirs) = (pipeline.load_tokenizer(config, d, mesh) for d in (base, trained_run))
+  for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(SystemExit, match="no finished tokenizer"):
+    study.pack_base(str(tmp_path / "nothing"), str(tmp_path / "x.tar.gz"))
