@@ -97,7 +97,7 @@ def config_differences(saved: dict, current: dict) -> list:
 STAGE_SECTIONS = ("tokenizer", "generator")
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config
   (the fields of a stage without checkpoints yet may change). Returns the file's previous
   text ("" when there was none), for :func:`run` to put back if the run then fails having

@@ -74,7 +74,7 @@ class DirectTokenTask(GeneratorTask):
     def network(codes, hidden, conditional):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
       return model.apply({"params": params["model"]}, visible, hidden,
-                              labels if conditional else null, valid)
+                         labels if conditional else null, valid)
 
     return network
 

@@ -316,9 +316,9 @@ class GeneratorTask(TokenTask):
     def network(codes, hidden, conditional):
       visible, _ = masking.split_embeddings(rvq.embed(codes, codebooks), hidden)
       logits, means = model.apply({"params": params["model"]}, visible, hidden,
-                                       labels if conditional else null, valid,
-                                       text=text if conditional else null_txt,
-                                       low_rank_means=low_rank)
+                                  labels if conditional else null, valid,
+                                  text=text if conditional else null_txt,
+                                  low_rank_means=low_rank)
       if low_rank:
         return logits, means
       return logits, means * model_state["target_rms"][hidden][..., None, None]
