@@ -24,11 +24,12 @@ time per image. Every finished (run, sampler) writes its own
 ``<out>/<data>/<variant>/<family>_d<D>_s<seed>__<sampler>.json``, and a rerun skips it: the
 study goes on in pieces, each result committed as it lands.
 
-``pack`` writes the trained base tokenizer (its last checkpoint, report, image spec and
-the base's ``config.json``; about 10 MB for CIFAR-10) to
-``<out>/<data>/base.tar.gz``; ``run`` unpacks it into an empty base instead of training the
-tokenizer again, so a new machine only re-encodes (a base of another config is refused by
-the usual run-config check).
+``pack`` writes the base tokenizer (its last checkpoint, the base's ``config.json``, and
+the report and image spec once it has finished; about 10 MB for CIFAR-10) to
+``<out>/<data>/base.tar.gz``; ``run`` unpacks it into an empty base and goes on from there:
+a finished tokenizer is not trained again (a new machine only re-encodes), an unfinished
+one resumes from its checkpoint (a base of another config is refused by the usual
+run-config check).
 
 ``report`` aggregates what exists: per variant, sampler, family and depth the mean and std
 over seeds (``table.md``, ``summary.json``), quality against sampling time (the paper's
@@ -70,7 +71,8 @@ PROXY_SAMPLES = 500
 CIFAR_TOKENIZER_STEPS = 2000  # ~50 min on 2 cores (0.7 steps/s); pack it once trained
 REQUANT_DRAWS, REQUANT_BATCH = 3, 1000  # masks per held-out example; examples per call
 BASE_ARCHIVE = "base.tar.gz"  # <out>/<data>/: the packed base tokenizer (``pack``)
-# What a packed base holds (paths under the base); the last checkpoint is added by pack.
+# What a packed base holds (paths under the base) besides the last checkpoint: the config,
+# then what only a finished tokenizer has (packed when present).
 PACKED = (pipeline.CONFIG_FILE, os.path.join("tokenizer", pipeline.RESULTS_FILE),
           os.path.join("tokenizer", pipeline.IMAGE_SPEC_FILE))
 PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
@@ -160,19 +162,20 @@ def parse_sampler(spec: str):
 
 
 def pack_base(workdir: str, archive: str) -> None:
-  """The base's trained tokenizer (last checkpoint, report, image spec, config.json) as a
-  tar.gz at ``archive``; the checkpoint is the whole state, so what resuming needs is kept."""
+  """The base's tokenizer (last checkpoint, config.json; the report and image spec when it
+  has finished) as a tar.gz at ``archive``; the checkpoint is the whole training state
+  (optimizer and data position too), so an unfinished tokenizer resumes exactly."""
   base = os.path.join(workdir, BASE_DIR)
   step = trainer.latest_checkpoint_step(os.path.join(base, "tokenizer"))
-  missing = [p for p in PACKED if not os.path.exists(os.path.join(base, p))]
-  if step is None or missing:
-    raise SystemExit(f"{base} holds no finished tokenizer to pack (missing: "
-                     f"{missing or ['a checkpoint']})")
+  if step is None or not os.path.exists(os.path.join(base, pipeline.CONFIG_FILE)):
+    raise SystemExit(f"{base} holds no tokenizer checkpoint and config.json to pack")
   checkpoint = os.path.join("tokenizer", "checkpoints", str(step))
+  present = [p for p in PACKED if os.path.exists(os.path.join(base, p))]
   with files.atomic_write(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
-    for path in PACKED + (checkpoint,):
+    for path in present + [checkpoint]:
       tar.add(os.path.join(base, path), arcname=path)
-  print(f"wrote {archive} ({os.path.getsize(archive) / 2 ** 20:.1f} MiB, tokenizer step {step})")
+  print(f"wrote {archive} ({os.path.getsize(archive) / 2 ** 20:.1f} MiB, tokenizer step "
+        f"{step}{'' if len(present) == len(PACKED) else ', unfinished'})")
 
 
 def unpack_base(archive: str, base: str) -> bool:

@@ -98,5 +98,5 @@ def test_a_packed_base_unpacks_to_the_same_finished_tokenizer(trained_run, tmp_p
   (_, ours), (_, theirs) = (pipeline.load_tokenizer(config, d, mesh) for d in (base, trained_run))
   for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(SystemExit, match="no finished tokenizer"):
+  with pytest.raises(SystemExit, match="no tokenizer checkpoint"):
     study.pack_base(str(tmp_path / "nothing"), str(tmp_path / "x.tar.gz"))
