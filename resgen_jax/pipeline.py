@@ -97,6 +97,11 @@ def config_differences(saved: dict, current: dict) -> list:
 STAGE_SECTIONS = ("tokenizer", "generator")
 
 
+def checkpoint_steps(workdir: str) -> tuple:
+  """The latest checkpoint step of every trained stage (None where there is none)."""
+  return tuple(trainer.latest_checkpoint_step(os.path.join(workdir, s)) for s in STAGE_SECTIONS)
+
+
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes ``DIR/config.json``; refuses a workdir whose run used a different model config
   (the fields of a stage without checkpoints yet may change). Returns the file's previous
@@ -110,8 +115,8 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     with open(path) as f:
       previous = f.read()
     saved = json.loads(previous)
-    untrained = [s for s in STAGE_SECTIONS
-                 if trainer.latest_checkpoint_step(os.path.join(workdir, s)) is None]
+    untrained = [s for s, step in zip(STAGE_SECTIONS, checkpoint_steps(workdir))
+                 if step is None]
     diff = [k for k in config_differences(saved, current)
             if k.split(".")[0] not in untrained]
     if diff:
@@ -124,11 +129,6 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     files.save_json(path, resolved)
   return previous
-
-
-def checkpoint_steps(workdir: str) -> tuple:
-  """The latest checkpoint step of every trained stage (None where there is none)."""
-  return tuple(trainer.latest_checkpoint_step(os.path.join(workdir, s)) for s in STAGE_SECTIONS)
 
 
 def restore_run_config(workdir: str, previous: str) -> None:

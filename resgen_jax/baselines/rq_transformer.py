@@ -318,13 +318,12 @@ class RQTransformerTask(TokenTask):
     return {"loss": jnp.sum(nll * valid), "nll": jnp.sum(nll * valid),
             "accuracy": jnp.sum(accuracy * valid), "count": jnp.sum(valid)}
 
-  def empty_caches(self, batch: int, length: int, num_blocks: int,
-                   dtype=None) -> List[KVCache]:
-    """Zero key/value caches of ``length`` steps for ``num_blocks`` blocks (``dtype``: the
-    compute dtype, default the model's)."""
+  def empty_caches(self, batch: int, length: int, num_blocks: int, dtype) -> List[KVCache]:
+    """Zero key/value caches of ``length`` steps for ``num_blocks`` blocks, in the compute
+    ``dtype`` of the network that fills them."""
     m = self.cfg.model
     shape = (batch, length, m.num_heads, m.width // m.num_heads)
-    zeros = lambda: jnp.zeros(shape, dtype or DTYPES[m.dtype])
+    zeros = lambda: jnp.zeros(shape, dtype)
     return [(zeros(), zeros()) for _ in range(num_blocks)]
 
   def cached_decoder(self, variables, codebooks, labels: Array, model=None):
