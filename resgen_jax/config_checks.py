@@ -99,6 +99,9 @@ def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> No
     if config.evaluation.proxy_every:
       check_proxy_samples(config.evaluation.proxy_samples)
   image = config.data.name not in corpus.SPEECH_SOURCES
+  if image and "encode" in stages and config.tokenizer.encode_chunk_batches < 1:
+    raise ValueError(f"tokenizer.encode_chunk_batches must be >= 1, got "
+                     f"{config.tokenizer.encode_chunk_batches}")
   if image and ("sample" in stages or "evaluate" in stages):
     check_sample_counts(config.sampler)
   if image and "evaluate" in stages:

@@ -42,7 +42,7 @@ from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
 from resgen_jax.generator.task import GeneratorTask, TokenTask
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import trainer
+from resgen_jax.train import preemption, trainer
 from resgen_jax.utils import files
 from resgen_jax.utils import images as image_utils
 
@@ -149,8 +149,9 @@ def restore_run_config(workdir: str, previous: str) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def eval_pass(config, split: str, max_examples=None) -> Callable[[], Iterable[dict]]:
-  """Returns a factory of sequential passes over ``split`` (local batches with ``valid``).
+def eval_pass(config, split: str, max_examples=None) -> Callable[..., Iterable[dict]]:
+  """Returns a factory of sequential passes over ``split`` (local batches with ``valid``),
+  ``passes(start_batch=0)``: from that batch on (a resumed encoding).
 
   A random-access source is loaded once and shared by every pass; a streamed one
   (imagenet2012) is re-opened per pass.
@@ -158,11 +159,11 @@ def eval_pass(config, split: str, max_examples=None) -> Callable[[], Iterable[di
   pid, count = jax.process_index(), jax.process_count()
   batch_size = config.tokenizer.train.eval_batch_size
   if config.data.name in data_lib.sources.STREAMING_SOURCES:
-    return lambda: data_lib.eval_batches(config.data, split, batch_size, pid, count,
-                                         max_examples=max_examples)
+    return lambda start_batch=0: data_lib.eval_batches(
+        config.data, split, batch_size, pid, count, max_examples, start_batch)
   source = data_lib.load_source(config.data, split)
-  return lambda: data_lib.sequential_batches(source, batch_size, pid, count,
-                                             max_examples=max_examples)
+  return lambda start_batch=0: data_lib.sequential_batches(
+      source, batch_size, pid, count, max_examples, start_batch)
 
 
 def example_batch(passes: Callable[[], Iterable[dict]], mesh) -> dict:
@@ -196,7 +197,7 @@ def run_tokenizer(config, workdir: str, mesh) -> None:
   result = trainer.train_and_evaluate(task, tcfg, workdir, train_iter, periodic_eval, mesh,
                                       config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   if result.preempted:
-    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+    raise SystemExit(preemption.EXIT_CODE)
   write_tokenizer_report(task, result.state, config, workdir, full_eval, example, mesh)
 
 
@@ -209,7 +210,7 @@ def codebook_usage(task: TokenizerTask, state, batches: Iterable[dict], mesh) ->
   books = state.model_state["codebook"].codebooks
   size, depth = task.tok.codebook_size, task.tok.depth
   counts = np.zeros((depth, size), np.int64)
-  for local in batches:
+  for local in preemption.checked(batches):
     batch = mesh_lib.global_batch(local, mesh)
     codes = np.asarray(encode(params, books, batch["image"]))  # [B, h, w, D], whole
     valid = mesh_lib.to_host(batch["valid"], mesh)
@@ -229,7 +230,7 @@ def reconstruction_fid(task: TokenizerTask, state, extractor: features_lib.Extra
                         out_shardings=mesh_lib.replicated(mesh))
   params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
   real, recon = [], [[] for _ in range(task.tok.depth)]
-  for local in batches:
+  for local in preemption.checked(batches):
     batch = mesh_lib.global_batch(local, mesh)
     valid = mesh_lib.to_host(batch["valid"], mesh)
     images = mesh_lib.to_host(batch["image"], mesh)[valid]
@@ -326,7 +327,9 @@ def load_tokenizer(config, workdir: str, mesh):
 
 
 def run_encode(config, workdir: str, mesh) -> None:
-  """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``."""
+  """Encodes the train and eval splits with the trained tokenizer into ``DIR/tokens``, a
+  chunk of ``tokenizer.encode_chunk_batches`` batches at a time: a preempted or killed
+  encoding resumes after its last complete chunk (``token_cache``)."""
   task, state = load_tokenizer(config, workdir, mesh)
   passes = {split: eval_pass(config, split)
             for split in (config.data.train_split, config.data.eval_split)}
@@ -355,10 +358,15 @@ def run_encode(config, workdir: str, mesh) -> None:
                     key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])
 
-  for split, batches in passes.items():
-    codes, labels = token_cache.encode_split(encode_local, batches(), task.tok.codebook_size)
-    path = token_cache.write_split(workdir, split, codes, labels)
-    logging.info("encoded %d %s examples into %s", len(codes), split, path)
+  token_cache.begin_encoding(workdir, meta)
+  for split, batches_from in passes.items():
+    start = time.time()
+    count = token_cache.encode_split(workdir, split, encode_local, batches_from,
+                                     task.tok.codebook_size,
+                                     config.tokenizer.encode_chunk_batches)
+    seconds = time.time() - start
+    logging.info("encoded %d %s examples on process %d in %.1f s (%.1f images/s)", count,
+                 split, jax.process_index(), seconds, count / max(seconds, 1e-9))
   token_cache.write_meta(workdir, meta, host_books)
 
 
@@ -441,7 +449,7 @@ def run_generator(config, workdir: str, mesh) -> None:
                                                    count, gcfg.eval_examples or None),
       mesh, config.seed, mesh_lib.ShardingRules.from_config(config.mesh), hooks=hooks)
   if result.preempted:
-    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+    raise SystemExit(preemption.EXIT_CODE)
 
 
 def load_generator(config, workdir: str, mesh):
@@ -588,7 +596,7 @@ def run_sample(config, workdir: str, mesh) -> str:
                             codes=((len(labels), h, w, gen_task.depth), np.int32))
   seconds = 0.0
   with writer as out:
-    for index, chunk in label_batches(labels, scfg.batch_size):
+    for index, chunk in preemption.checked(label_batches(labels, scfg.batch_size)):
       start = time.time()
       images, codes, _ = sample(gen_state, chunk, index)
       seconds += time.time() - start
@@ -733,8 +741,9 @@ def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
       extractor=feature_extractor(config, workdir))
   with np.load(samples, allow_pickle=False) as data:
     labels = data["labels"]
-  generated = evaluator.evaluate_batches(
-      fid.npz_member_batches(samples, "arr_0", config.evaluation.batch_size), labels)
+  generated = evaluator.evaluate_batches(preemption.checked(
+      fid.npz_member_batches(samples, "arr_0", config.evaluation.batch_size), agree=False),
+                                         labels)
   return {"num_samples": int(labels.shape[0]), "generated": generated,
           "real_heldout": evaluator.reference()}
 
@@ -742,8 +751,8 @@ def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
 def _evaluate_with_inception(config, workdir: str, samples: str) -> dict:
   ecfg = config.evaluation
   extract = feature_extractor(config, workdir)
-  features, logits = features_lib.extract(
-      extract, fid.npz_member_batches(samples, "arr_0", ecfg.batch_size))
+  features, logits = features_lib.extract(extract, preemption.checked(
+      fid.npz_member_batches(samples, "arr_0", ecfg.batch_size), agree=False))
   report = {"num_samples": int(features.shape[0])}
   if ecfg.reference_stats:
     reference = fid.load_reference(ecfg.reference_stats)
@@ -793,8 +802,8 @@ def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
       compiled.append(compiled_image_sampler(config, tok_task, tok_state, gen_task, state,
                                              mesh))
     features, _ = features_lib.extract(
-        extractor, (compiled[0](state, chunk, index)[0]
-                    for index, chunk in label_batches(labels, config.sampler.batch_size)))
+        extractor, (compiled[0](state, chunk, index)[0] for index, chunk in
+                    preemption.checked(label_batches(labels, config.sampler.batch_size))))
     return {"fid_proxy": reference.frechet_distance(features)}
 
   return proxy
@@ -828,9 +837,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
   previous = write_run_config(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   try:
-    for stage in stages:
-      logging.info("stage %s", stage)
-      table[stage](config, workdir, mesh)
+    with preemption.watch():  # every stage's loops stop within a batch of a SIGTERM
+      for stage in stages:
+        logging.info("stage %s", stage)
+        table[stage](config, workdir, mesh)
+  except preemption.Preempted:
+    # Not a failure: what had finished is on disk (nothing half-written), a rerun resumes.
+    logging.warning("preempted during the %s stage; rerun the same command to resume", stage)
+    raise SystemExit(preemption.EXIT_CODE) from None
   except Exception:
     # A refused or failed run that trained nothing leaves the run's record as it was: an
     # evaluation refused for its settings must not record them, and a workdir without

@@ -454,6 +454,30 @@ def test_tfds_stream_eval_pads_to_equal_steps(mock_mnist, process_count):
   assert concat(batches, "image").shape == (8, 8, 8, 1)
 
 
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_pass_from_a_start_batch_is_the_tail_of_the_whole_pass(mock_mnist, process_count):
+  """What a resumed encoding reads: from batch ``s`` on, the batches of the whole pass from
+  ``s`` (the padding past a smaller share included), for the in-memory and the streamed
+  TFDS passes."""
+  source = fake_source()
+  passes = {
+      "sequential": lambda p, start: pipeline.sequential_batches(source, 8, p, process_count,
+                                                                 None, start),
+      "stream": lambda p, start: pipeline.stream_eval_batches(mock_mnist, "test", 2, p,
+                                                              process_count, None, start)}
+  for name, batches in passes.items():
+    whole = [list(batches(p, 0)) for p in range(process_count)]
+    assert len(whole[0]) >= 2, name
+    for start in range(len(whole[0]) + 1):
+      for p in range(process_count):
+        tail = list(batches(p, start))
+        assert len(tail) == len(whole[p]) - start, (name, start, p)
+        for got, want in zip(tail, whole[p][start:]):
+          assert sorted(got) == sorted(want)
+          for key in got:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
+
+
 def test_fingerprints_follow_the_data_not_its_location(tmp_path, image_folder):
   images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
   a = write_npz(tmp_path / "a.npz", images=images, labels=np.arange(6) % 4)

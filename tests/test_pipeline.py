@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from resgen_jax.codec import token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, frechet
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import trainer
+from resgen_jax.train import preemption, trainer
 from resgen_jax.utils import images as image_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
   ssim = report["ssim_by_depth"]  # 16 x 16 digits: a 6 x 6 map of 11 x 11 windows
   assert len(ssim) == 3 and all(0.0 < v <= 1.0 for v in ssim) and ssim[-1] > ssim[0], ssim
   # Codebook use over the eval split, from the cached eval codes (16 codes per book).
-  codes = np.load(token_cache.shard_path(trained, "test", 0, 1))["codes"]
+  codes, _ = token_cache.load_tokens(trained, "test")
   for j in range(3):
     used = np.unique(codes[..., j]).size
     assert report["usage_by_depth"][j] == used / 16
@@ -243,11 +244,61 @@ def test_cached_codes_are_the_tokenizers_codes(trained):
   assert data["train"]["examples"] == 1500 and data["test"]["examples"] == 297
 
 
+def test_a_preempted_encoding_resumes_after_its_last_chunk(trained, tmp_path, monkeypatch):
+  """SIGTERM while the train split's batch 7 is read (chunks of 5 batches): the run exits
+  143 having written chunk 0 only and no meta.json; the rerun reads the data from batch 5
+  on (not from zero), and every token file equals an uninterrupted encoding's."""
+  config = trained_config()
+  config.tokenizer.encode_chunk_batches = 5
+  runs = {}
+  for name in ("cut", "whole"):
+    runs[name] = str(tmp_path / name)
+    shutil.copytree(os.path.join(trained, "tokenizer"), os.path.join(runs[name], "tokenizer"))
+  reads, signal_at = [], []
+  original = data_lib.sequential_batches
+
+  def batches(source, *args, **kwargs):
+    start = kwargs.get("start_batch", args[4] if len(args) > 4 else 0)
+    reads.append((source.num_examples, start))
+    for n, batch in enumerate(original(source, *args, **kwargs), start=start):
+      if (source.num_examples, n) in signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(data_lib, "sequential_batches", batches)
+  signal_at.append((1500, 7))
+  with pytest.raises(SystemExit) as exit_info:
+    pipeline.run(config, runs["cut"], stages=("encode",))
+  assert exit_info.value.code == preemption.EXIT_CODE
+  tokens = lambda run: sorted(os.listdir(os.path.join(run, token_cache.TOKENS_DIR)))
+  assert tokens(runs["cut"]) == ["encoding.json", "train.00000-of-00001.00000.npz"]
+  signal_at.clear()
+  reads.clear()
+  pipeline.run(config, runs["cut"], stages=("encode",))
+  assert reads[-2:] == [(1500, 5), (297, 0)]  # train resumed at batch 5, test from its start
+  pipeline.run(config, runs["whole"], stages=("encode",))
+  names = tokens(runs["whole"])
+  assert tokens(runs["cut"]) == names  # meta.json written, encoding.json gone
+  assert names == ["codebooks.npz", "meta.json", "test.00000-of-00001.00000.npz"] + [
+      f"train.00000-of-00001.0000{c}.npz" for c in range(3)]  # 12 train batches, 3 test
+  names.remove("meta.json")
+  for name in names:
+    with np.load(os.path.join(runs["cut"], token_cache.TOKENS_DIR, name)) as a, \
+        np.load(os.path.join(runs["whole"], token_cache.TOKENS_DIR, name)) as b:
+      assert sorted(a.files) == sorted(b.files)
+      for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+  for split in ("train", "test"):  # and the same codes as the fixture's one-chunk cache
+    for x, y in zip(token_cache.load_tokens(runs["cut"], split),
+                    token_cache.load_tokens(trained, split)):
+      np.testing.assert_array_equal(x, y)
+
+
 def test_rerun_of_a_finished_run_rewrites_nothing(trained):
   samples = pipeline.samples_path(trained_config(), trained)
   outputs = [os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE),
              os.path.join(trained, "tokenizer", pipeline.RECON_FILE),
-             token_cache.shard_path(trained, "train", 0, 1), token_cache.meta_path(trained),
+             token_cache.chunk_path(trained, "train", 0, 1, 0), token_cache.meta_path(trained),
              samples, os.path.splitext(samples)[0] + "_eval.json"]
   before = {p: os.stat(p).st_mtime_ns for p in outputs}
   checkpoints = sorted(os.listdir(os.path.join(trained, "tokenizer", trainer.CHECKPOINT_DIR)))
@@ -301,12 +352,29 @@ def test_a_sample_set_names_and_records_the_models_it_came_from(trained, tmp_pat
   assert os.path.exists(os.path.join(run_dir, "samples", "fixed.npz"))  # kept as it was
 
 
-def test_another_sampler_setting_makes_another_sample_set(trained):
+def test_another_sampler_setting_makes_another_sample_set(trained, monkeypatch):
   config = trained_config()
   config.sampler.cfg_scale = 2.0
   config.sampler.cfg_ramp = "linear"
-  pipeline.run(config, trained, stages=("sample",))
   path = pipeline.samples_path(config, trained)
+  # SIGTERM while the second of the two batches is drawn: the stage stops before sampling
+  # it, exits 143 and leaves neither a sample set nor its scratch arrays.
+  original = pipeline.label_batches
+
+  def batches(labels, batch_size):
+    for index, chunk in original(labels, batch_size):
+      if index == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield index, chunk
+
+  monkeypatch.setattr(pipeline, "label_batches", batches)
+  with pytest.raises(SystemExit) as exit_info:
+    pipeline.run(config, trained, stages=("sample",))
+  assert exit_info.value.code == preemption.EXIT_CODE
+  assert not os.path.exists(path)
+  assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")]
+  monkeypatch.undo()
+  pipeline.run(config, trained, stages=("sample",))
   assert os.path.basename(path).startswith("T4_cfg2_temp1_topp1_conf1_seed0_")
   with np.load(path) as data:
     assert data["arr_0"].shape == (20, 16, 16, 1)

@@ -13,7 +13,7 @@ import pytest
 
 from resgen_jax import config_base
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import optim, trainer
+from resgen_jax.train import optim, preemption, trainer
 from resgen_jax.train.task import Task
 
 DIM = 3
@@ -114,6 +114,48 @@ def test_preempted_then_resumed_equals_uninterrupted(tmp_path, mesh):
   assert again.finished and int(again.state.step) == 6
   assert sorted(os.listdir(ckpt_dir)) == before
   assert_same_state(full.state, again.state)
+
+
+SLOW_EVAL_BATCHES = 40  # a pass far longer than a grace period if it ran to the end
+
+
+@pytest.mark.parametrize("where", ["evaluation", "hook"])
+def test_sigterm_during_a_slow_pass_saves_at_the_next_batch(tmp_path, mesh, where):
+  """SIGTERM arriving in the middle of the step-3 evaluation pass (or of a hook's loop,
+  like the FID proxy's sampling) stops that pass at its next batch, not at its end: the
+  step-3 state is saved at once and the run exits preempted; resuming then ends exactly
+  where an uninterrupted run ends."""
+  drawn, armed = [], []
+
+  def slow_batches():
+    for n in range(SLOW_EVAL_BATCHES):
+      drawn.append(n)
+      if n == 2 and armed:
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)
+      yield eval_batches()[0]
+
+  def hook(state):
+    del state
+    return {"passes": float(sum(1 for _ in preemption.checked(slow_batches())))}
+
+  def go(workdir):
+    kwargs = dict(hooks=((3, hook),)) if where == "hook" else {}
+    evals = slow_batches if where == "evaluation" else eval_batches
+    return trainer.train_and_evaluate(LinearTask(), train_cfg(), str(workdir), ToyIterator(),
+                                      evals, mesh, seed=0, **kwargs)
+
+  full = go(tmp_path / "full")
+  armed.append(True)
+  drawn.clear()
+  cut = go(tmp_path / "cut")
+  armed.clear()
+  assert cut.preempted and int(cut.state.step) == 3
+  assert drawn == [0, 1, 2]  # the batch after the signal was never drawn
+  assert trainer.latest_checkpoint_step(str(tmp_path / "cut" / "linear")) == 3
+  resumed = go(tmp_path / "cut")
+  assert resumed.finished and int(resumed.state.step) == 6
+  assert_same_state(full.state, resumed.state)
 
 
 @pytest.mark.parametrize("damaged", ["chunks", "metadata"])

@@ -45,7 +45,7 @@ from resgen_jax.codec import rvq, token_cache
 from resgen_jax.data import pipeline as data_pipeline
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import trainer
+from resgen_jax.train import preemption, trainer
 from resgen_jax.utils import files
 
 TOKENS_DIR = "tokens"
@@ -102,7 +102,7 @@ def run_codec(config, workdir: str, mesh) -> None:
       task, tcfg, workdir, train_iter, codec_eval_pass(config, eval_mels, tcfg.eval_examples or None),
       mesh, config.seed, mesh_lib.ShardingRules.from_config(config.mesh))
   if result.preempted:
-    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+    raise SystemExit(preemption.EXIT_CODE)
   write_codec_report(task, result.state, config, workdir, eval_mels, mesh)
 
 
@@ -352,7 +352,7 @@ def run_generator(config, workdir: str, mesh) -> None:
                                       config.seed,
                                       mesh_lib.ShardingRules.from_config(config.mesh))
   if result.preempted:
-    raise SystemExit(trainer.PREEMPTED_EXIT_CODE)
+    raise SystemExit(preemption.EXIT_CODE)
 
 
 def load_generator(config, workdir: str, mesh):

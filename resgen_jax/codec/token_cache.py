@@ -1,16 +1,20 @@
 """Encode a data set once into RVQ codes stored in the workdir, and read them back.
 
 Layout under ``DIR/tokens/``:
-  ``{split}.{p:05d}-of-{P:05d}.npz``: ``codes`` int16/int32 ``[N_p, h, w, D]`` and ``labels``
-      int32 ``[N_p]`` encoded by process ``p`` of ``P`` (the examples of each process's
-      slices of the sequential evaluation batches; order does not matter for training).
+  ``{split}.{p:05d}-of-{P:05d}.{c:05d}.npz``: chunk ``c`` of process ``p`` of ``P``: ``codes``
+      int16/int32 ``[N_pc, h, w, D]`` and ``labels`` int32 ``[N_pc]`` of the examples of that
+      process's slices of ``num_batches`` sequential evaluation batches from ``first_batch``
+      (order does not matter for training). Caches written before chunks existed hold one
+      ``{split}.{p:05d}-of-{P:05d}.npz`` per process; both are read.
+  ``encoding.json``: the meta of an encoding in progress: its chunks resume only under it.
   ``meta.json``: grid shape, depth, codebook size, the tokenizer step the codes come from,
-      and the process count that wrote the shards.
+      and the process count that wrote the shards; written last, it marks a complete cache.
   ``codebooks.npz``: ``codebooks`` ``[C, V, d]`` of that tokenizer, so the generator stage
       needs only this directory.
 
 Every file is written atomically, so an interrupted encoding never leaves a half-written
-cache; a finished cache is never rewritten.
+file: a rerun resumes after the last complete chunk of each process, and the files then
+equal those of an uninterrupted run. A finished cache is never rewritten.
 """
 
 from __future__ import annotations
@@ -22,18 +26,34 @@ from typing import Callable, Iterable, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resgen_jax import data as data_lib
+from resgen_jax.train import preemption
 from resgen_jax.utils import files
 
 TOKENS_DIR = "tokens"
 META_FILE = "meta.json"
 CODEBOOKS_FILE = "codebooks.npz"
+PENDING_FILE = "encoding.json"
 INT16_MAX_CODES = 2 ** 15  # codes fit int16 (half the disk) below this codebook size
 
 
-def shard_path(workdir: str, split: str, index: int, count: int) -> str:
-  return os.path.join(workdir, TOKENS_DIR, f"{split}.{index:05d}-of-{count:05d}.npz")
+def _without_count(meta: dict) -> dict:
+  """What must match for codes to be reused: not the process count (files of another count
+  are ignored) nor the data's fingerprints (checked apart, pipeline.check_token_data, so
+  caches from before fingerprints still load)."""
+  return {k: v for k, v in meta.items() if k not in ("process_count", "data")}
+
+
+def chunk_path(workdir: str, split: str, index: int, count: int, chunk: int) -> str:
+  return os.path.join(workdir, TOKENS_DIR, f"{split}.{index:05d}-of-{count:05d}.{chunk:05d}.npz")
+
+
+def process_files(workdir: str, split: str, index: int, count: int) -> list:
+  """The token files (chunks, or one legacy shard) of process ``index`` of ``count``."""
+  return sorted(glob.glob(os.path.join(workdir, TOKENS_DIR,
+                                       f"{split}.{index:05d}-of-{count:05d}*.npz")))
 
 
 def meta_path(workdir: str) -> str:
@@ -47,51 +67,93 @@ def is_cached(workdir: str, splits: Iterable[str], meta: dict) -> bool:
     return False
   with open(path) as f:
     saved = json.load(f)
-  # The process count may differ (shards of another count are ignored); the data's
-  # fingerprints are checked apart (pipeline.check_token_data), so older caches still load.
-  without_count = lambda m: {k: v for k, v in m.items() if k not in ("process_count", "data")}
-  if without_count(saved) != without_count(meta):
+  if _without_count(saved) != _without_count(meta):
     raise ValueError(
         f"{path} describes codes from another tokenizer ({saved}) than this run's ({meta}); "
         f"remove {os.path.dirname(path)} to encode again")
   count = jax.process_count()
   return (saved.get("process_count") == meta.get("process_count")
           and os.path.exists(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE))
-          and all(os.path.exists(shard_path(workdir, s, p, count))
-                  for s in splits for p in range(count)))
+          and all(process_files(workdir, s, p, count) for s in splits for p in range(count)))
 
 
-def encode_split(encode_fn: Callable, batches: Iterable[dict], codebook_size: int
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-  """Runs ``encode_fn(global_batch) -> codes`` over local batches; keeps valid examples.
+def begin_encoding(workdir: str, meta: dict) -> None:
+  """Records the ``meta`` of an encoding about to start or resume (``encoding.json``);
+  refuses the chunks of a partial encoding from another tokenizer or data."""
+  path = os.path.join(workdir, TOKENS_DIR, PENDING_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if _without_count(saved) != _without_count(meta) or saved.get("data") != meta.get("data"):
+      raise ValueError(
+          f"{os.path.dirname(path)} holds a partial encoding from another tokenizer or data "
+          f"({saved}), not this run's ({meta}); remove the directory to encode again")
+    if saved == meta:
+      return
+  if jax.process_index() == 0:
+    files.save_json(path, meta)
+
+
+def resume_point(workdir: str, split: str) -> Tuple[int, int]:
+  """This process's complete chunks of ``split``: ``(how many, the batch after them)``."""
+  chunk, batch = 0, 0
+  index, count = jax.process_index(), jax.process_count()
+  while os.path.exists(chunk_path(workdir, split, index, count, chunk)):
+    with np.load(chunk_path(workdir, split, index, count, chunk), allow_pickle=False) as data:
+      batch = int(data["first_batch"]) + int(data["num_batches"])
+    chunk += 1
+  return chunk, batch
+
+
+def encode_split(workdir: str, split: str, encode_fn: Callable,
+                 batches_from: Callable[[int], Iterable[dict]], codebook_size: int,
+                 chunk_batches: int) -> int:
+  """Encodes a split into chunk files of ``chunk_batches`` batches, resuming after the last
+  complete chunk; polls for preemption between batches (a partial chunk is not written).
 
   Args:
     encode_fn: maps a local batch dict (``image``, ``label``, ``valid``) to this process's
       codes ``[B/P, h, w, D]`` (numpy).
+    batches_from: ``start_batch -> `` this process's local batches of the pass from there.
   Returns:
-    ``codes [N_p, h, w, D]`` and ``labels [N_p]``.
+    how many valid examples this call encoded (0 when the split was already complete).
   """
   dtype = np.int16 if codebook_size <= INT16_MAX_CODES else np.int32
-  all_codes, all_labels = [], []
-  for batch in batches:
+  chunk, first = resume_point(workdir, split)
+  index, count = jax.process_index(), jax.process_count()
+  codes, labels, encoded = [], [], 0
+
+  def flush(end: int) -> None:
+    nonlocal chunk, first, codes, labels, encoded
+    files.save_npz(chunk_path(workdir, split, index, count, chunk),
+                   codes=np.concatenate(codes), labels=np.concatenate(labels),
+                   first_batch=np.int64(first), num_batches=np.int64(end - first))
+    encoded += sum(len(l) for l in labels)
+    chunk, first, codes, labels = chunk + 1, end, [], []
+
+  for number, batch in enumerate(preemption.checked(batches_from(first)), start=first):
     valid = np.asarray(batch["valid"], bool)
-    all_codes.append(np.asarray(encode_fn(batch))[valid].astype(dtype))
-    all_labels.append(np.asarray(batch["label"])[valid].astype(np.int32))
-  return np.concatenate(all_codes), np.concatenate(all_labels)
-
-
-def write_split(workdir: str, split: str, codes: np.ndarray, labels: np.ndarray) -> str:
-  path = shard_path(workdir, split, jax.process_index(), jax.process_count())
-  files.save_npz(path, codes=codes, labels=labels)
-  return path
+    codes.append(np.asarray(encode_fn(batch))[valid].astype(dtype))
+    labels.append(np.asarray(batch["label"])[valid].astype(np.int32))
+    if number + 1 - first == chunk_batches:
+      flush(number + 1)
+  if codes:
+    flush(first + len(codes))
+  return encoded
 
 
 def write_meta(workdir: str, meta: dict, codebooks: np.ndarray) -> None:
-  """Writes the codebooks, then ``meta.json`` last: its presence marks a complete cache."""
+  """Writes the codebooks, then ``meta.json`` last (its presence marks a complete cache),
+  once every process has written its chunks; the in-progress record goes."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("token_cache.write_meta")
   if jax.process_index() == 0:
     files.save_npz(os.path.join(workdir, TOKENS_DIR, CODEBOOKS_FILE),
                    codebooks=np.asarray(codebooks, np.float32))
     files.save_json(meta_path(workdir), meta)
+    pending = os.path.join(workdir, TOKENS_DIR, PENDING_FILE)
+    if os.path.exists(pending):
+      os.remove(pending)
 
 
 def load_meta(workdir: str) -> Tuple[dict, np.ndarray]:
@@ -113,11 +175,12 @@ def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
   by an encoding with another process count never mix in.
   """
   meta, _ = load_meta(workdir)
-  pattern = os.path.join(workdir, TOKENS_DIR, f"{split}.*-of-{meta['process_count']:05d}.npz")
-  paths = sorted(glob.glob(pattern))
+  count = meta["process_count"]
+  paths = [p for index in range(count) for p in process_files(workdir, split, index, count)]
   if not paths:
     raise FileNotFoundError(
-        f"no cached tokens match {pattern}; run the 'encode' stage "
+        f"no cached tokens of {split!r} from {count} processes in "
+        f"{os.path.join(workdir, TOKENS_DIR)}; run the 'encode' stage "
         f"(python -m resgen_jax.main --mode=encode ...) first")
   codes, labels = [], []
   for path in paths:

@@ -270,14 +270,14 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
 
 
 def sequential_batches(source: sources.Source, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1,
-                       max_examples: Optional[int] = None) -> Iterator[Batch]:
+                       process_count: int = 1, max_examples: Optional[int] = None,
+                       start_batch: int = 0) -> Iterator[Batch]:
   """One in-order pass over ``source`` sharded like training; see :func:`eval_batches`."""
   check_process(process_index, process_count)
   local_batch_size(global_batch_size, process_count)
   total = source.num_examples if max_examples is None else min(max_examples,
                                                                source.num_examples)
-  for batch_index in range(math.ceil(total / global_batch_size)):
+  for batch_index in range(start_batch, math.ceil(total / global_batch_size)):
     positions = local_positions(batch_index, global_batch_size, process_index, process_count)
     images, labels = source.get(np.minimum(positions, total - 1))
     yield {"image": images, "label": labels.astype(np.int32), "valid": positions < total}
@@ -299,13 +299,14 @@ def pad_batch(batch: Batch, size: int) -> Batch:
 
 def stream_eval_batches(data_config: ml_collections.ConfigDict, split: str,
                         global_batch_size: int, process_index: int = 0,
-                        process_count: int = 1,
-                        max_examples: Optional[int] = None) -> Iterator[Batch]:
+                        process_count: int = 1, max_examples: Optional[int] = None,
+                        start_batch: int = 0) -> Iterator[Batch]:
   """One in-order pass over this process's share of a TFDS split, padded like training.
 
   Every process yields the same number of batches (that of the largest share); batches
   past the end of a smaller share repeat its last example with ``valid`` all False. With
   ``max_examples``, each process keeps its even share of them from the start of its shard.
+  From ``start_batch`` on, the records before it are skipped unread (not decoded).
   """
   tf = sources.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -326,34 +327,40 @@ def stream_eval_batches(data_config: ml_collections.ConfigDict, split: str,
                                                         False),
                                shuffle_files=False,
                                decoders={"image": tfds.decode.SkipDecoding()})
-  dataset = records.take(counts[process_index]).map(
+  own = counts[process_index]
+  # Past the end of this share only its last example is read (for the padding batches).
+  skip = min(start_batch * local, own - 1)
+  dataset = records.take(own).skip(skip).map(
       lambda ex: {"image": decode(ex["image"]), "label": tf.cast(ex["label"], tf.int32)},
       num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(tf.data.AUTOTUNE)
   last = None
   for batch in tfds.as_numpy(dataset):
     last = pad_batch(batch, local)
-    yield last
-  for _ in range(math.ceil(max(counts) / local) - math.ceil(counts[process_index] / local)):
+    if start_batch * local < own:
+      yield last
+  real = max(math.ceil(own / local), start_batch)
+  for _ in range(math.ceil(max(counts) / local) - real):
     yield {**last, "valid": np.zeros(local, bool)}
 
 
 def eval_batches(data_config: ml_collections.ConfigDict, split: str, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1,
-                 max_examples: Optional[int] = None) -> Iterator[Batch]:
+                 max_examples: Optional[int] = None, start_batch: int = 0) -> Iterator[Batch]:
   """One sequential pass (no shuffle, no flip) over ``split``, sharded by process.
 
   Global batch ``n`` holds positions ``[n*B, (n+1)*B)`` of the split (capped at
   ``max_examples``) and process ``p`` its slice ``[p*B/P, (p+1)*B/P)``. Positions past the
   end repeat the last example and are marked False in ``valid`` bool ``[B/P]``. ImageNet
-  is streamed (see :func:`stream_eval_batches`).
+  is streamed (see :func:`stream_eval_batches`). The pass starts at batch ``start_batch``
+  (a resumed encoding) without reading the examples before it.
   """
   if data_config.name in sources.STREAMING_SOURCES:
     yield from stream_eval_batches(data_config, split, global_batch_size, process_index,
-                                   process_count, max_examples)
+                                   process_count, max_examples, start_batch)
     return
   source = sources.load_source(data_config, split)
   yield from sequential_batches(source, global_batch_size, process_index, process_count,
-                                max_examples)
+                                max_examples, start_batch)
 
 
 def load_all(data_config: ml_collections.ConfigDict, split: str) -> Tuple[np.ndarray,

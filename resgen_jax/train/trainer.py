@@ -15,8 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import threading
 import time
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
@@ -29,16 +27,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from clu import parameter_overview, periodic_actions
-from jax.experimental import multihost_utils
 
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import optim, writers
+from resgen_jax.train import optim, preemption, writers
 from resgen_jax.train.task import Task
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
 NO_NONFINITE_STEP = -1  # TrainState.nonfinite_step while every loss so far was finite.
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a terminated job
 
 
 @flax.struct.dataclass
@@ -233,9 +229,10 @@ def make_eval_step(task: Task) -> Callable:
 
 def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterable[dict],
              mesh) -> dict:
-  """Averages the task's per-batch metric sums over ``batches`` (dicts of local shards)."""
+  """Averages the task's per-batch metric sums over ``batches`` (dicts of local shards).
+  Raises :class:`preemption.Preempted` between batches once a SIGTERM has arrived."""
   totals = None
-  for local in batches:
+  for local in preemption.checked(batches):
     sums = eval_step(state, constants, mesh_lib.global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -243,40 +240,6 @@ def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterabl
   totals = jax.device_get(totals)
   count = float(totals.pop("count"))
   return {k: float(v) / count for k, v in totals.items()}
-
-
-class PreemptionWatcher:
-  """Turns SIGTERM into a flag the loop polls, so it can save before exiting.
-
-  Every process must stop at the same step (saving is collective), so with several
-  processes the flag is agreed on (any process signalled) at every poll; orbax's
-  multi-host preemption notices (``reached_preemption``) are consulted too. After the
-  first SIGTERM the previous handler is back, so a second one stops the process at once.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint before exiting")
-    self.requested = True
-    self.close()
-
-  def should_stop(self, manager: ocp.CheckpointManager, step: int) -> bool:
-    notice = manager.reached_preemption(step)
-    local = self.requested
-    if jax.process_count() > 1:
-      local = bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
-    return notice or local
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
 
 
 METADATA_FILE = "_METADATA"  # orbax's array metadata of a checkpoint item
@@ -563,10 +526,9 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
   # Progress (steps/s, ETA) goes to the log; steps/s also joins each train metrics row.
   progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps,
                                              every_steps=cfg.log_every)
-  watcher = PreemptionWatcher()
   history, preempted = [], False
   interval_start, interval_step = time.time(), start
-  try:
+  with preemption.watch(), contextlib.closing(writer):  # closing flushes the event file
     for step in range(start, cfg.num_steps):
       check_saves(manager, step)  # a failed background save stops the run at once
       batch = mesh_lib.global_batch(next(train_iter), mesh)
@@ -582,21 +544,22 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
         means["steps_per_sec"] = (done - interval_step) / max(now - interval_start, 1e-9)
         writer.write_scalars(done, {f"train/{k}": float(v) for k, v in means.items()})
         history, interval_start, interval_step = [], now, done
-      if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
-        with rules.activations(mesh):
-          result = evaluate(eval_step, state, constants, eval_batches(), mesh)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
-      for every, hook in hooks:
-        if done % every == 0 or done == cfg.num_steps:
-          writer.write_scalars(done, {f"train/{k}": float(v) for k, v in hook(state).items()})
-      preempted = watcher.should_stop(manager, done)
+      try:  # a SIGTERM during these passes stops them at the next batch
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
+          with rules.activations(mesh):
+            result = evaluate(eval_step, state, constants, eval_batches(), mesh)
+          writer.write_scalars(done, {f"eval/{k}": v for k, v in result.items()})
+        for every, hook in hooks:
+          if done % every == 0 or done == cfg.num_steps:
+            writer.write_scalars(done, {f"train/{k}": float(v)
+                                        for k, v in hook(state).items()})
+        preempted = manager.reached_preemption(done) or preemption.requested()
+      except preemption.Preempted:
+        preempted = True
       if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or preempted:
         save_state(manager, state, train_iter.get_state())
       if preempted:
         logging.warning("%s: preempted at step %d; checkpoint saved", task.name, done)
         break
-  finally:
-    watcher.close()
-    writer.close()  # flushes, and releases the TensorBoard event file
   return TrainResult(state=state, finished=not preempted, preempted=preempted)
 
