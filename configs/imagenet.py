@@ -13,16 +13,36 @@ token grid, batch 256, bf16 compute with fp32 parameters.
 Hardware: a TPU v4-64 / 8x H100 class machine. Data parallel by default; FSDP (and tensor
 parallelism, with the rules below) by mesh only, e.g. ``--config.mesh.axes="('data','fsdp')"
 --config.mesh.shape="(-1,8)"`` or ``axes=('data','fsdp','tensor'), shape=(-1,4,2)``. Paper targets (ResGen, 574M): FID 1.95 with
-CFG and 6.04 without at depth 16; 2.71 / 6.56 at depth 8. FID needs the Inception
-evaluator (not in this config's stages yet); `--mode=sample` writes the .npz the standard
-ImageNet evaluator reads.
+CFG and 6.04 without at depth 16; 2.71 / 6.56 at depth 8.
+Evaluation: the ``evaluate`` stage scores the 50,000 samples with the FID Inception
+(``--config.evaluation.inception_weights=PATH``, converted once: evaluation/inception.py):
+FID, Inception Score, precision/recall, against ``--config.evaluation.reference_stats`` (the
+community's ImageNet 256 reference batch ``.npz``, ``mu``/``sigma``) or the validation
+split; the sample ``.npz`` is also the layout the standard ImageNet evaluator reads.
+
+``configs/imagenet.py:runlocal``: the same config shrunk only in sizes (the tokenizer's
+levels, attention, depth-16 shared book, LPIPS and GAN schedule; the adaLN generator; CFG
+sampling; Inception FID) over the small ImageNet-shaped set that
+``python -m resgen_jax.data.fake_imagenet`` writes (JPEG class folders of mixed sizes
+through the ``folder`` source, random-valued LPIPS and Inception files in the real
+layouts), so every stage of this config runs on a laptop in minutes before a slice is
+booked. Its numbers mean nothing; its code path is the pod's.
 """
 
+import os
+
 from resgen_jax import config_base
+from resgen_jax.data import fake_imagenet
 from resgen_jax.generator import model
 
+VARIANTS = ("", "runlocal")
 
-def get_config():
+
+def get_config(variant: str = ""):
+  """The paper's config, or (``variant="runlocal"``) its shrink: see the module docstring."""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/imagenet.py knows the variants {VARIANTS}, got {variant!r} "
+                     f"(use configs/imagenet.py or configs/imagenet.py:runlocal)")
   config = config_base.base_config()
   config.data.name = "imagenet2012"
   config.data.image_size = 256
@@ -67,7 +87,7 @@ def get_config():
   tok.train.eval_examples = 10_000
   tok.train.checkpoint_every = 5_000
 
-  config.stages = ("tokenizer", "encode", "generator", "sample")
+  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
   gen = config.generator
   gen.model.width = 1024
   gen.model.num_layers = 30
@@ -102,4 +122,32 @@ def get_config():
   config.sampler.top_p = 0.9
   config.sampler.samples_per_class = 50  # 50,000 samples, the FID protocol
   config.sampler.batch_size = 250
+  config.evaluation.extractor = "inception"
+  config.evaluation.batch_size = 250
+  config.evaluation.tokenizer_rfid_examples = 10_000  # x 17 Inception passes at depth 16
+  if variant == "runlocal":
+    runlocal(config)
   return config
+
+
+def runlocal(config) -> None:
+  """Shrinks ``config`` in sizes only, onto the fake ImageNet (2 CPU cores: minutes)."""
+  root = fake_imagenet.DEFAULT_ROOT
+  config.data.update(name="folder", path=os.path.join(root, "train"),
+                     eval_path=os.path.join(root, "validation"), num_classes=10)
+  tok = config.tokenizer
+  tok.model.update(channels=8, num_res_blocks=1, latent_dim=16, norm_groups=4)
+  tok.quantizer.codebook_size = 256
+  tok.loss.perceptual_weights = os.path.join(root, fake_imagenet.LPIPS_FILE)
+  tok.loss.gan_start_step = 4  # the GAN schedule's switch happens inside the run
+  # Batches are multiples of 8, so the shrink also runs on an 8-chip host.
+  tok.train.update(batch_size=8, eval_batch_size=8, num_steps=8, warmup_steps=2, log_every=2,
+                   eval_every=4, eval_examples=16, checkpoint_every=4)
+  config.tokenizer.encode_chunk_batches = 4
+  gen = config.generator
+  gen.model.update(width=64, num_layers=2, num_heads=4, low_rank=16, dropout=0.0)
+  gen.train.update(batch_size=16, eval_batch_size=16, num_steps=20, warmup_steps=2,
+                   log_every=5, eval_every=10, eval_examples=32, checkpoint_every=10)
+  config.sampler.update(steps=4, samples_per_class=4, batch_size=40)
+  config.evaluation.update(inception_weights=os.path.join(root, fake_imagenet.INCEPTION_FILE),
+                           batch_size=20, tokenizer_rfid_examples=16)

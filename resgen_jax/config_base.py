@@ -277,6 +277,9 @@ def base_config() -> ml_collections.ConfigDict:
           proxy_every=0,
           proxy_samples=500,
           tokenizer_rfid=True,  # reconstruction FID per depth prefix in the tokenizer report
+          # held-out images of that rFID (0: the whole split); the extractor sees each D + 1
+          # times (the image and its D prefix reconstructions)
+          tokenizer_rfid_examples=0,
           # speech (audio/evaluation.py): prompt length of the continuation task, target
           # utterances per task (0: every eligible one), classifier training steps
           tts_prompt_seconds=3.0,
@@ -288,14 +291,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file, as ``--config=path`` would load it (for notebooks,
-  benchmarks and tests)."""
+  benchmarks and tests); ``path:arg`` calls ``get_config(arg)`` (``--config=path:arg``)."""
+  path, _, arg = path.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no config file at {path}")
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def _typed_like(value, like):

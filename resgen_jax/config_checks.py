@@ -8,6 +8,7 @@ Each check raises a ValueError naming the field. Checks that need data or traine
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import ml_collections
@@ -77,6 +78,15 @@ def check_image_evaluation(config: ml_collections.ConfigDict) -> None:
   if config.evaluation.classifier_pool not in classifier.POOLS:
     raise ValueError(f"evaluation.classifier_pool must be one of {classifier.POOLS}, got "
                      f"{config.evaluation.classifier_pool!r}")
+  ecfg = config.evaluation
+  for name, path in (("inception", ecfg.inception_weights), ("resnet", ecfg.resnet_weights)):
+    if ecfg.extractor == name and not path:
+      raise ValueError(
+          f"evaluation.extractor={name!r} needs evaluation.{name}_weights, the path of its "
+          f"weight file (see resgen_jax/evaluation/{name}.py), or leave 'evaluate' out of "
+          f"--config.stages")
+    if ecfg.extractor == name and not os.path.exists(path):
+      raise FileNotFoundError(f"evaluation.{name}_weights: no file at {path}")
   count = config.data.num_classes * config.sampler.samples_per_class
   if count <= metrics.PR_NEIGHBOURS:
     raise ValueError(

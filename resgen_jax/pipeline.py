@@ -266,8 +266,12 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
       logging.warning("no reconstruction FID: evaluation.extractor='inception' needs "
                       "evaluation.inception_weights (or set evaluation.tokenizer_rfid=False)")
     else:
+      count = config.evaluation.tokenizer_rfid_examples
       report["rfid_by_depth"] = reconstruction_fid(
-          task, state, feature_extractor(config, workdir), full_eval(), mesh)
+          task, state, feature_extractor(config, workdir),
+          eval_pass(config, config.data.eval_split, count or None)(), mesh)
+      if count:
+        report["rfid_examples"] = count
   # Computed by every process (the parameters are global arrays), written by process 0.
   reconstruct = jax.jit(
       lambda p, b, images: (images[:RECON_EXAMPLES], prefix_reconstructions(

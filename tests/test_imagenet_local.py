@@ -1,0 +1,155 @@
+"""``configs/imagenet.py:runlocal``: the ImageNet config's every stage, from the command line,
+on the small ImageNet-shaped set that ``resgen_jax.data.fake_imagenet`` makes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CHILD_JAX_ENV
+from resgen_jax import config_base, pipeline
+from resgen_jax import data as data_lib
+from resgen_jax.codec import losses, token_cache
+from resgen_jax.data import fake_imagenet
+from resgen_jax.evaluation import inception
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "imagenet.py")
+CLASSES, TRAIN_PER_CLASS, EVAL_PER_CLASS = 10, 3, 1  # 30 train, 10 held-out (> k = 3)
+TEST_IMAGE_SIZE = 64  # the test's one shrink beyond runlocal's: 256 -> 64 (a 2 x 2 grid)
+# What runlocal may change: sizes, step counts and intervals, and where its data lives.
+SIZE_FIELDS = (
+    "data.name", "data.path", "data.eval_path", "data.num_classes",
+    "tokenizer.model.channels", "tokenizer.model.num_res_blocks",
+    "tokenizer.model.latent_dim", "tokenizer.model.norm_groups",
+    "tokenizer.quantizer.codebook_size", "tokenizer.loss.perceptual_weights",
+    "tokenizer.loss.gan_start_step", "tokenizer.train", "tokenizer.encode_chunk_batches",
+    "generator.model.width", "generator.model.num_layers", "generator.model.num_heads",
+    "generator.model.low_rank", "generator.model.dropout", "generator.train",
+    "sampler.steps", "sampler.samples_per_class", "sampler.batch_size",
+    "evaluation.inception_weights", "evaluation.batch_size",
+    "evaluation.tokenizer_rfid_examples")
+
+
+def flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def test_runlocal_differs_from_the_paper_config_only_in_sizes():
+  full = flatten(config_base.load_config_file(CONFIG).to_dict())
+  local = flatten(config_base.load_config_file(CONFIG + ":runlocal").to_dict())
+  changed = {k for k in full if full[k] != local[k]}
+  assert full.keys() == local.keys()
+  assert all(any(k == f or k.startswith(f + ".") for f in SIZE_FIELDS) for k in changed), \
+      sorted(changed)
+  # The architecture and the schedule's switches are the paper's.
+  assert local["tokenizer.model.mid_attention"] and local["tokenizer.quantizer.shared_codebook"]
+  assert local["tokenizer.quantizer.depth"] == 16 and local["tokenizer.loss.gan_weight"] > 0
+  assert local["tokenizer.train.num_steps"] > local["tokenizer.loss.gan_start_step"] > 0
+  assert local["sampler.cfg_scale"] > 1 and local["evaluation.extractor"] == "inception"
+  assert local["stages"] == ("tokenizer", "encode", "generator", "sample", "evaluate")
+
+
+def test_an_unknown_variant_is_refused():
+  with pytest.raises(ValueError, match=r"variants \('', 'runlocal'\), got 'tiny'"):
+    config_base.load_config_file(CONFIG + ":tiny")
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+  return fake_imagenet.make(str(tmp_path_factory.mktemp("fake_imagenet")), CLASSES,
+                            TRAIN_PER_CLASS, EVAL_PER_CLASS)
+
+
+def test_the_fake_imagenet_is_mixed_jpegs_in_the_real_layouts(fake):
+  paths = sorted(os.path.join(d, f) for d, _, names in os.walk(os.path.join(fake, "train"))
+                 for f in names)
+  assert len(paths) == CLASSES * TRAIN_PER_CLASS
+  images = [Image.open(p) for p in paths]
+  assert {i.format for i in images} == {"JPEG"}
+  assert len({i.size for i in images}) > len(images) // 2  # mixed sizes and aspects
+  assert {i.mode for i in images} == {"RGB", "L"}  # a few greyscale, as in ImageNet
+  config = config_base.load_config_file(CONFIG + ":runlocal")
+  config.data.update(path=os.path.join(fake, "train"), eval_path=os.path.join(fake,
+                                                                               "validation"))
+  source = data_lib.load_source(config.data, "validation")
+  batch, labels = source.get(np.arange(source.num_examples))
+  assert batch.shape == (CLASSES * EVAL_PER_CLASS, 256, 256, 3)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(CLASSES), EVAL_PER_CLASS))
+  # The weight files are read by the real loaders (names, shapes, non-negative lin heads).
+  lpips = losses.load_lpips_params(os.path.join(fake, fake_imagenet.LPIPS_FILE))
+  assert lpips["vgg"]["conv12"]["kernel"].shape == (3, 3, 512, 512)
+  assert "batch_stats" in inception.load_params(os.path.join(fake, fake_imagenet.INCEPTION_FILE))
+  # A complete set is kept; one of other settings is refused, not mixed in.
+  stamp = os.stat(paths[0]).st_mtime_ns
+  fake_imagenet.make(fake, CLASSES, TRAIN_PER_CLASS, EVAL_PER_CLASS)
+  assert os.stat(paths[0]).st_mtime_ns == stamp
+  with pytest.raises(ValueError, match="made with"):
+    fake_imagenet.make(fake, CLASSES + 1, TRAIN_PER_CLASS, EVAL_PER_CLASS)
+
+
+def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
+  workdir = str(tmp_path / "run")
+  overrides = {"data.path": os.path.join(fake, "train"),
+               "data.eval_path": os.path.join(fake, "validation"),
+               "data.image_size": TEST_IMAGE_SIZE,
+               "tokenizer.loss.perceptual_weights": os.path.join(fake, fake_imagenet.LPIPS_FILE),
+               "evaluation.inception_weights": os.path.join(fake, fake_imagenet.INCEPTION_FILE),
+               # 16 Frechet distances in 2048-d Inception features (~10 s each on 2 cores);
+               # the report's rFID path is the digits tests' (and runlocal's own run's)
+               "evaluation.tokenizer_rfid": False}
+  command = [sys.executable, "-m", "resgen_jax.main", f"--config={CONFIG}:runlocal",
+             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, **CHILD_JAX_ENV))
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
+    report = json.load(f)
+  assert len(report["psnr_by_depth"]) == 16 and len(report["usage_by_depth"]) == 16
+  meta, books = token_cache.load_meta(workdir)
+  assert meta["grid"] == [2, 2] and meta["depth"] == 16 and books.shape == (1, 256, 16)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  gan = [r["train/d_loss"] for r in rows if r.get("stage") == "tokenizer" and "train/d_loss" in r]
+  assert gan and gan[0] == 0 and gan[-1] != 0  # the discriminator switches on inside the run
+  samples = pipeline.samples_path(config_with(overrides), workdir)
+  with np.load(samples) as data:
+    assert data["arr_0"].shape == (CLASSES * 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
+    assert data["arr_0"].dtype == np.uint8 and data["codes"].shape == (CLASSES * 4, 2, 2, 16)
+  with open(os.path.splitext(samples)[0] + "_eval.json") as f:
+    generated = json.load(f)["generated"]
+  assert {"fid", "inception_score", "precision", "recall"} <= generated.keys()
+  assert all(np.isfinite(v) for v in generated.values())
+
+
+def config_with(overrides: dict):
+  config = config_base.load_config_file(CONFIG + ":runlocal")
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def test_the_paper_config_refuses_to_start_without_its_inception_weights(tmp_path):
+  """Its stages end with the Inception FID: without the weights file the run is refused at
+  start-up, before a tokenizer trains for days, and nothing is written."""
+  config = config_base.load_config_file(CONFIG)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match="needs evaluation.inception_weights"):
+    pipeline.run(config, workdir)
+  config.evaluation.inception_weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="evaluation.inception_weights: no file at"):
+    pipeline.run(config, workdir)
+  assert not os.path.exists(workdir)
