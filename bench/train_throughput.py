@@ -47,16 +47,23 @@ MODELS = {
 }
 
 
-def dot_flops(jaxpr) -> int:
-  """FLOPs of every ``dot_general`` in ``jaxpr`` (2 per multiply-add), entering nested
-  jaxprs; a scan's body counts ``length`` times, a cond's costliest branch once."""
+def model_flops(jaxpr) -> int:
+  """FLOPs of every ``dot_general`` and ``conv_general_dilated`` in ``jaxpr`` (2 per
+  multiply-add), entering nested jaxprs; a scan's body counts ``length`` times, a cond's
+  costliest branch once. A convolution costs 2 x output size x kernel window x input
+  features per group (its gradients are convolutions too, counted the same way)."""
   total = 0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-    inner = [dot_flops(getattr(sub, "jaxpr", sub)) for sub in jex.jaxprs_in_params(eqn.params)]
+    elif eqn.primitive.name == "conv_general_dilated":
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial) positions
+      kernel = eqn.invars[1].aval.shape
+      window = math.prod(kernel[d] for d in rhs_spec[2:]) * kernel[rhs_spec[1]]
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * window
+    inner = [model_flops(getattr(sub, "jaxpr", sub)) for sub in jex.jaxprs_in_params(eqn.params)]
     if inner:
       if eqn.primitive.name == "cond":
         total += max(inner)
@@ -100,7 +107,7 @@ def measure(name: str, dtype: str, mesh, steps: int, peak: float) -> dict:
   step_fn = trainer.make_train_step(task, optimizer, optim.learning_rate_schedule(tcfg),
                                     tcfg.ema_decay)
   constants = task.constants()
-  flops = dot_flops(jax.make_jaxpr(step_fn)(state, constants, batch, key).jaxpr)
+  flops = model_flops(jax.make_jaxpr(step_fn)(state, constants, batch, key).jaxpr)
   step = jax.jit(step_fn, out_shardings=(shardings, mesh_lib.replicated(mesh)))
   seconds = median_seconds(lambda: step(state, constants, batch, key), steps)
   params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -42,6 +42,7 @@ RESUMABLE_FIELDS = (
     "data.path",
     "data.eval_path",
     "data.download",
+    "data.workers",  # how images are decoded, not which
 )
 
 
@@ -245,6 +246,9 @@ def base_config() -> ml_collections.ConfigDict:
           train_split="train",  # split names
           eval_split="test",
           shuffle_buffer=10_000,  # streaming (imagenet2012) shuffle buffer
+          # folder source: image-decoding processes (0: in the training process; -1: one
+          # per host core); the imagenet2012 stream decodes with tf.data's autotuning
+          workers=0,
           # speech (name espeak | manifest | librispeech; audio/corpus.py): clips outside
           # [min_seconds, max_seconds] are dropped; max_seconds also sets how many token
           # frames the generator handles (generator.model.max_positions = 0)

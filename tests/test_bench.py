@@ -3,14 +3,14 @@
 import jax
 import jax.numpy as jnp
 
-from bench.train_throughput import dot_flops
+from bench.train_throughput import model_flops
 
 
 def count(fn, *args):
-  return dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  return model_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def test_dot_flops_counts_matmuls_their_gradients_scans_and_conds():
+def test_model_flops_counts_matmuls_their_gradients_scans_and_conds():
   b, m, n, k = 4, 8, 16, 32
   x, w1, w2 = jnp.ones((b, m)), jnp.ones((m, n)), jnp.ones((n, k))
   mlp = lambda w1, w2, x: jnp.tanh(x @ w1) @ w2
@@ -28,6 +28,22 @@ def test_dot_flops_counts_matmuls_their_gradients_scans_and_conds():
   branch = lambda p, x: jax.lax.cond(p, lambda x: x @ w1 @ jnp.ones((n, n)),
                                      lambda x: x @ w1, x)
   assert count(branch, True, x) == 2 * b * m * n + 2 * b * n * n
+
+
+def test_model_flops_counts_convolutions_grouped_strided_and_their_gradients():
+  """Against hand counts: 2 x output elements x window x input features per group."""
+  x, w = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 6))
+  conv = lambda w, x, stride, groups=1: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+  forward = 2 * (2 * 9 * 9 * 6) * (3 * 3 * 4)
+  assert count(lambda w, x: conv(w, x, 1), w, x) == forward
+  assert count(lambda w, x: conv(w, x, 2), w, x) == 2 * (2 * 5 * 5 * 6) * (3 * 3 * 4)
+  grouped = jnp.ones((3, 3, 2, 6))  # 2 groups of 2 input features
+  assert count(lambda w, x: conv(w, x, 1, 2), grouped, x) == 2 * (2 * 9 * 9 * 6) * (3 * 3 * 2)
+  # Kernel and input gradients: each a convolution of the forward pass's cost.
+  loss = lambda w, x: jnp.sum(conv(w, x, 1))
+  assert count(jax.grad(loss, argnums=(0, 1)), w, x) == 3 * forward
 
 
 def test_compare_matches_parameter_counts_and_reads_its_targets():

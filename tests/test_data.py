@@ -366,6 +366,29 @@ def test_folder_corrupt_image_names_the_file(image_folder):
   assert str(bad) in str(info.value)
 
 
+def test_decode_processes_give_the_same_batches_and_name_a_bad_file(image_folder):
+  """data.workers = 2: the training iterator's batches equal in-process decoding's (order,
+  flips, pixels), and an unreadable file's error still names it."""
+  config = data_config(name="folder", path=str(image_folder), image_size=8, random_flip=True)
+  batches = {}
+  for workers in (0, 2):
+    config.workers = workers
+    iterator = pipeline.make_train_iterator(config, 4, seed=3)
+    batches[workers] = [next(iterator) for _ in range(3)]
+  for a, b in zip(batches[0], batches[2]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  bad = image_folder / "cat" / "bad.png"
+  bad.write_bytes(b"\x89PNG garbage" * 5)
+  source = sources.load_source(config, "train")
+  with pytest.raises(ValueError, match="cannot read the image file") as info:
+    source.get(np.arange(source.num_examples))
+  assert str(bad) in str(info.value)
+  config.workers = -2
+  with pytest.raises(ValueError, match="data.workers must be >= -1"):
+    sources.load_source(config, "train")
+
+
 def test_folder_errors(tmp_path, image_folder):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=missing):

@@ -19,6 +19,8 @@ from resgen_jax.generator.model import ResGenTransformer
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import optim, trainer
 
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 
 def test_schedules_go_from_all_hidden_to_none():
   for name in masking.SCHEDULES:

@@ -107,7 +107,14 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
                "evaluation.inception_weights": os.path.join(fake, fake_imagenet.INCEPTION_FILE),
                # 16 Frechet distances in 2048-d Inception features (~10 s each on 2 cores);
                # the report's rFID path is the digits tests' (and runlocal's own run's)
-               "evaluation.tokenizer_rfid": False}
+               "evaluation.tokenizer_rfid": False,
+               # CI's budget: fewer steps (the GAN still switches on mid-run), one
+               # evaluation per stage, one Inception batch shape
+               "tokenizer.train.num_steps": 4, "tokenizer.loss.gan_start_step": 2,
+               "tokenizer.train.log_every": 1, "tokenizer.train.eval_every": 0,
+               "tokenizer.train.checkpoint_every": 2, "generator.train.num_steps": 6,
+               "generator.train.log_every": 3, "generator.train.eval_every": 0,
+               "generator.train.checkpoint_every": 3, "evaluation.batch_size": 10}
   command = [sys.executable, "-m", "resgen_jax.main", f"--config={CONFIG}:runlocal",
              f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,

@@ -13,6 +13,8 @@ from jax.experimental import io_callback
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, sampler
 
+pytestmark = pytest.mark.usefixtures("quick_compile")
+
 B, L, K = 2, 5, 3
 
 

@@ -22,7 +22,8 @@ BATCH = 16
 SMALL_FSDP = mesh_lib.ShardingRules(fsdp_min_size=64)
 TENSOR = mesh_lib.ShardingRules(rules=model.TENSOR_PARALLEL_RULES, fsdp_min_size=64)
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+pytestmark = [pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices"),
+              pytest.mark.usefixtures("quick_compile")]
 
 
 def tiny_task():

@@ -21,12 +21,16 @@ TensorFlow is imported only by the TFDS sources, so the others start fast.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import logging
+import multiprocessing
 import os
 import zipfile
-from typing import Optional, Protocol, Tuple
+from typing import Dict, Optional, Protocol, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -119,6 +123,7 @@ class FolderSource:
     labels: int32 ``[N]``: the index of each file's class folder in sorted order.
     image_size: the side of the returned square images.
     num_classes: number of classes of the dataset (at least the number of folders).
+    workers: image-decoding processes (``data.workers``; 0: in this process).
   """
 
   name: str
@@ -126,6 +131,7 @@ class FolderSource:
   labels: np.ndarray
   image_size: int
   num_classes: int
+  workers: int = 0  # decode processes (:func:`decode_files`)
 
   @property
   def num_examples(self) -> int:
@@ -136,12 +142,38 @@ class FolderSource:
     return (self.image_size, self.image_size, FOLDER_CHANNELS)
 
   def get(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """int ``[n]`` -> (uint8 ``[n, image_size, image_size, 3]``, int32 ``[n]``)."""
+    """int ``[n]`` -> (uint8 ``[n, image_size, image_size, 3]``, int32 ``[n]``), decoded
+    by ``workers`` processes (see :func:`decode_files`)."""
     indices = np.asarray(indices)
-    images = [resize_center_crop(read_rgb_image(self.paths[i]), self.image_size)
-              for i in indices.reshape(-1)]
+    images = decode_files([self.paths[i] for i in indices.reshape(-1)], self.image_size,
+                          self.workers)
     images = np.stack(images) if images else np.zeros((0,) + self.image_shape, np.uint8)
     return images.reshape(indices.shape + self.image_shape), self.labels[indices]
+
+
+_POOLS: Dict[int, concurrent.futures.Executor] = {}  # worker count -> its decode processes
+
+
+def decode_file(path: str, size: int) -> np.ndarray:
+  """One image file -> uint8 ``[size, size, 3]`` (decoded, shorter side resized, cropped)."""
+  return resize_center_crop(read_rgb_image(path), size)
+
+
+def decode_files(paths: Sequence[str], size: int, workers: int = 0) -> list:
+  """:func:`decode_file` of every path, in order: here (``workers == 0``) or spread over a
+  pool of ``workers`` processes (``-1``: one per host core), started on first use and kept
+  for the process's life. Processes are spawned, not forked (forking a process that runs
+  JAX's threads can deadlock); an unreadable file's error names it, as in-process."""
+  if workers == 0 or len(paths) <= 1:
+    return [decode_file(p, size) for p in paths]
+  count = os.cpu_count() if workers < 0 else workers
+  if count not in _POOLS:
+    if not _POOLS:  # stopped before the interpreter tears down what they use
+      atexit.register(lambda: [pool.shutdown(cancel_futures=True) for pool in _POOLS.values()])
+    _POOLS[count] = concurrent.futures.ProcessPoolExecutor(
+        count, mp_context=multiprocessing.get_context("spawn"))
+  chunk = max(1, len(paths) // (4 * count))  # a few chunks per process balance the load
+  return list(_POOLS[count].map(decode_file, paths, itertools.repeat(size), chunksize=chunk))
 
 
 def check_image_size(image_size: int, downsample_factor: int) -> None:
@@ -350,8 +382,13 @@ def scan_folder(root: str, num_classes: int) -> Tuple[Tuple[str, ...], np.ndarra
 
 def load_folder(data_config: ml_collections.ConfigDict, split: str) -> FolderSource:
   paths, labels = scan_folder(split_path(data_config, split), data_config.num_classes)
+  workers = int(data_config.get("workers", 0))
+  if workers < -1:
+    raise ValueError(f"data.workers must be >= -1 (0: decode in the training process, -1: "
+                     f"one process per core), got {workers}")
   return FolderSource(name=f"folder/{split}", paths=paths, labels=labels,
-                      image_size=data_config.image_size, num_classes=data_config.num_classes)
+                      image_size=data_config.image_size, num_classes=data_config.num_classes,
+                      workers=workers)
 
 
 def tfds_data_dir(data_config: ml_collections.ConfigDict) -> Optional[str]:

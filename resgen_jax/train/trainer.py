@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -222,9 +223,16 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation,
   return train_step
 
 
+_EVAL_STEPS = weakref.WeakKeyDictionary()  # task -> its eval step function
+
+
 def make_eval_step(task: Task) -> Callable:
-  return lambda state, constants, batch: task.eval_step(
-      state.eval_params(), state.model_state, constants, batch)
+  """``(state, constants, batch) -> metric sums``; the same function for the same task, so
+  every jit of it (periodic evaluations, the stage's final report) shares one compilation."""
+  if task not in _EVAL_STEPS:
+    _EVAL_STEPS[task] = lambda state, constants, batch: task.eval_step(
+        state.eval_params(), state.model_state, constants, batch)
+  return _EVAL_STEPS[task]
 
 
 def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterable[dict],
