@@ -32,6 +32,18 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 CHILD_JAX_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
+def set_fields(config, overrides: dict):
+  """Sets every dotted field of ``overrides`` (``{"tokenizer.train.num_steps": 4}``) on
+  ``config``, as ``--config.<field>=<value>`` would. -> ``config``."""
+  for dotted, value in overrides.items():
+    *parents, name = dotted.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[name] = value
+  return config
+
+
 @pytest.fixture(scope="module")
 def quick_compile():
   """XLA's quick compile mode for one module (``pytestmark = pytest.mark.usefixtures(
@@ -40,7 +52,7 @@ def quick_compile():
   (cold cache, 2 cores: test_sharding 102 -> 58 s of its slowest three, test_generator's
   slowest four 67 -> 44 s). Modules that run heavy compute (Inception, the shared trained
   run) stay optimized."""
-  previous = jax.config.jax_disable_most_optimizations
+  previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)

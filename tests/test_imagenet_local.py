@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHILD_JAX_ENV
+from conftest import CHILD_JAX_ENV, set_fields
 from resgen_jax import config_base, pipeline
 from resgen_jax import data as data_lib
 from resgen_jax.codec import losses, token_cache
@@ -128,7 +128,8 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   gan = [r["train/d_loss"] for r in rows if r.get("stage") == "tokenizer" and "train/d_loss" in r]
   assert gan and gan[0] == 0 and gan[-1] != 0  # the discriminator switches on inside the run
-  samples = pipeline.samples_path(config_with(overrides), workdir)
+  samples = pipeline.samples_path(
+      set_fields(config_base.load_config_file(CONFIG + ":runlocal"), overrides), workdir)
   with np.load(samples) as data:
     assert data["arr_0"].shape == (CLASSES * 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
     assert data["arr_0"].dtype == np.uint8 and data["codes"].shape == (CLASSES * 4, 2, 2, 16)
@@ -138,15 +139,6 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
   assert all(np.isfinite(v) for v in generated.values())
 
 
-def config_with(overrides: dict):
-  config = config_base.load_config_file(CONFIG + ":runlocal")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
 
 
 def test_the_paper_config_refuses_to_start_without_its_inception_weights(tmp_path):

@@ -7,7 +7,7 @@ import tomllib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In requirements.txt (the README's one install) but not runtime needs: the tests and the
 # notebook runner they execute notebooks/ with.
-DEV_ONLY = {"pytest", "nbclient", "nbformat", "ipykernel"}
+DEV_ONLY = {"pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"}
 
 
 def requirement_lines(path):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CHILD_JAX_ENV, TRAINED_STEPS, tiny_config, trained_config
+from conftest import CHILD_JAX_ENV, TRAINED_STEPS, set_fields, tiny_config, trained_config
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
 from resgen_jax import pipeline
@@ -431,10 +431,7 @@ def test_a_refused_run_without_config_json_writes_none(trained, tmp_path):
 
 
 def set_field(config, dotted: str, value):
-  *parents, name = dotted.split(".")
-  for part in parents:
-    config = config[part]
-  config[name] = value
+  set_fields(config, {dotted: value})
 
 
 @pytest.mark.parametrize("field, value, message", [

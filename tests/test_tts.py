@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHILD_JAX_ENV
+from conftest import CHILD_JAX_ENV, set_fields
 from resgen_jax import pipeline
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import espeak, frontend, tts
@@ -37,14 +37,7 @@ OVERRIDES = dict(
 
 def tiny_config():
   from resgen_jax import config_base  # pylint: disable=g-import-not-at-top
-  config = config_base.load_config_file(CONFIG)
-  for key, value in OVERRIDES.items():
-    section = config
-    *path, name = key.split(".")
-    for part in path:
-      section = section[part]
-    section[name] = value
-  return config
+  return set_fields(config_base.load_config_file(CONFIG), OVERRIDES)
 
 
 def cli_flags():
