@@ -103,7 +103,8 @@ def main():
   rows = [supply(args.root, int(w), args.batch, args.batches) for w in args.workers.split(",")]
   for row in rows:
     print(f"workers {row['workers']:>2} ({row['processes']} processes): "
-          f"{row['images_per_s']:8.1f} images/s ({row['images_per_s_per_process']:.1f} per process)")
+          f"{row['images_per_s']:8.1f} images/s "
+          f"({row['images_per_s_per_process']:.1f} per process)")
   flops = demand(os.path.join(args.root, fake_imagenet.LPIPS_FILE))
   per_process = max(r["images_per_s_per_process"] for r in rows if r["workers"] != 0)
   machines = {}
@@ -118,7 +119,8 @@ def main():
           f"images/s ({entry['tokenizer_train_host_cores_needed']:.0f} decode cores per host), "
           f"encoding {entry['encode_images_per_s']:,.0f} images/s "
           f"({entry['encode_host_cores_needed']:.0f} cores per host)")
-  print(f"model GFLOP per image: tokenizer step {flops['tokenizer_train_flop_per_image'] / 1e9:.1f}, "
+  print(f"model GFLOP per image: tokenizer step "
+        f"{flops['tokenizer_train_flop_per_image'] / 1e9:.1f}, "
         f"encoder {flops['encode_flop_per_image'] / 1e9:.1f}")
   result = {"platform": jax.devices()[0].platform, "host_cores": os.cpu_count(),
             "root": args.root, "supply": rows, **flops, "machines": machines}
