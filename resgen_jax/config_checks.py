@@ -14,7 +14,7 @@ from typing import Iterable
 import ml_collections
 
 from resgen_jax.audio import corpus
-from resgen_jax.evaluation import classifier, metrics
+from resgen_jax.evaluation import classifier, inception, metrics
 from resgen_jax.generator import sampler
 
 TRAINED_STAGES = {"tokenizer": "tokenizer", "generator": "generator"}  # stage -> section
@@ -72,21 +72,34 @@ def check_proxy_samples(count: int) -> None:
                      f"covariance), got {count}")
 
 
+# What the weight file of each pretrained extractor is (evaluation.<name>_weights).
+EXTRACTOR_WEIGHTS = {
+    "inception": inception.EXPECTED,
+    "resnet": "the path of a CIFAR ResNet state dict (.npz; evaluation/resnet.py)",
+}
+
+
+def check_extractor_weights(ecfg: ml_collections.ConfigDict) -> None:
+  """A pretrained ``evaluation.extractor`` has its weight file named, and it exists."""
+  if ecfg.extractor not in EXTRACTOR_WEIGHTS:
+    return
+  path, expected = ecfg[f"{ecfg.extractor}_weights"], EXTRACTOR_WEIGHTS[ecfg.extractor]
+  if not path:
+    raise ValueError(f"evaluation.extractor={ecfg.extractor!r} needs "
+                     f"evaluation.{ecfg.extractor}_weights: {expected} (or leave 'evaluate' "
+                     f"out of --config.stages)")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"evaluation.{ecfg.extractor}_weights: no file at {path}; "
+                            f"expected {expected}")
+
+
 def check_image_evaluation(config: ml_collections.ConfigDict) -> None:
   """The image evaluation's classifier pool is known, and the sample set is large enough
   for the k-NN metrics (precision/recall need more than ``PR_NEIGHBOURS`` samples)."""
   if config.evaluation.classifier_pool not in classifier.POOLS:
     raise ValueError(f"evaluation.classifier_pool must be one of {classifier.POOLS}, got "
                      f"{config.evaluation.classifier_pool!r}")
-  ecfg = config.evaluation
-  for name, path in (("inception", ecfg.inception_weights), ("resnet", ecfg.resnet_weights)):
-    if ecfg.extractor == name and not path:
-      raise ValueError(
-          f"evaluation.extractor={name!r} needs evaluation.{name}_weights, the path of its "
-          f"weight file (see resgen_jax/evaluation/{name}.py), or leave 'evaluate' out of "
-          f"--config.stages")
-    if ecfg.extractor == name and not os.path.exists(path):
-      raise FileNotFoundError(f"evaluation.{name}_weights: no file at {path}")
+  check_extractor_weights(config.evaluation)
   count = config.data.num_classes * config.sampler.samples_per_class
   if count <= metrics.PR_NEIGHBOURS:
     raise ValueError(

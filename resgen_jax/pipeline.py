@@ -37,7 +37,7 @@ from resgen_jax.baselines.direct import DirectTokenTask
 from resgen_jax.baselines.rq_transformer import RQTransformerTask
 from resgen_jax.codec import rvq, token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
-from resgen_jax.evaluation import classifier, fid, inception, resnet
+from resgen_jax.evaluation import classifier, fid, resnet
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import metrics as metrics_lib
 from resgen_jax.generator.task import GeneratorTask, TokenTask
@@ -267,9 +267,9 @@ def write_tokenizer_report(task: TokenizerTask, state, config, workdir: str,
                       "evaluation.inception_weights (or set evaluation.tokenizer_rfid=False)")
     else:
       count = config.evaluation.tokenizer_rfid_examples
+      rfid_pass = eval_pass(config, config.data.eval_split, count) if count else full_eval
       report["rfid_by_depth"] = reconstruction_fid(
-          task, state, feature_extractor(config, workdir),
-          eval_pass(config, config.data.eval_split, count or None)(), mesh)
+          task, state, feature_extractor(config, workdir), rfid_pass(), mesh)
       if count:
         report["rfid_examples"] = count
   # Computed by every process (the parameters are global arrays), written by process 0.
@@ -711,15 +711,10 @@ def feature_extractor(config, workdir: str) -> features_lib.Extractor:
   """The extractor ``evaluation.extractor`` names (see :mod:`features`)."""
   ecfg = config.evaluation
   evaluation_settings(ecfg)  # validates the name
+  config_checks.check_extractor_weights(ecfg)
   if ecfg.extractor == "inception":
-    if not ecfg.inception_weights:
-      raise ValueError("evaluation.extractor='inception' needs evaluation.inception_weights: "
-                       f"{inception.EXPECTED}")
     return fid.InceptionFeatures(ecfg.inception_weights)
   if ecfg.extractor == "resnet":
-    if not ecfg.resnet_weights:
-      raise ValueError("evaluation.extractor='resnet' needs evaluation.resnet_weights, the "
-                       "path of a CIFAR ResNet state dict (.npz; evaluation/resnet.py)")
     return resnet.ResNetFeatures(ecfg.resnet_weights, ecfg.batch_size)
   return features_lib.ClassifierFeatures(classifier_params(config, workdir),
                                          config.data.num_classes, ecfg.batch_size,

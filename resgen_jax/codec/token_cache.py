@@ -84,7 +84,8 @@ def begin_encoding(workdir: str, meta: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if _without_count(saved) != _without_count(meta) or saved.get("data") != meta.get("data"):
+    without_count = lambda m: {k: v for k, v in m.items() if k != "process_count"}
+    if without_count(saved) != without_count(meta):  # the data's fingerprints count here
       raise ValueError(
           f"{os.path.dirname(path)} holds a partial encoding from another tokenizer or data "
           f"({saved}), not this run's ({meta}); remove the directory to encode again")
