@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import time
-import weakref
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -223,16 +222,18 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation,
   return train_step
 
 
-_EVAL_STEPS = weakref.WeakKeyDictionary()  # task -> its eval step function
+EVAL_STEP_ATTR = "_eval_step_fn"  # where make_eval_step keeps a task's eval step
 
 
 def make_eval_step(task: Task) -> Callable:
-  """``(state, constants, batch) -> metric sums``; the same function for the same task, so
-  every jit of it (periodic evaluations, the stage's final report) shares one compilation."""
-  if task not in _EVAL_STEPS:
-    _EVAL_STEPS[task] = lambda state, constants, batch: task.eval_step(
+  """``(state, constants, batch) -> metric sums``; the same function for the same task
+  (kept on it, so it goes with it), so every jit of it (periodic evaluations, the stage's
+  final report) shares one compilation."""
+  cached = vars(task)
+  if EVAL_STEP_ATTR not in cached:
+    cached[EVAL_STEP_ATTR] = lambda state, constants, batch: task.eval_step(
         state.eval_params(), state.model_state, constants, batch)
-  return _EVAL_STEPS[task]
+  return cached[EVAL_STEP_ATTR]
 
 
 def evaluate(eval_step: Callable, state: TrainState, constants, batches: Iterable[dict],
