@@ -154,3 +154,9 @@ def execute_notebook(name: str, parameters: dict):
     os.environ.clear()
     os.environ.update(old)
   return notebook
+
+
+def images_shown(notebook) -> int:
+  """How many images (PNG or GIF outputs) an executed notebook displayed."""
+  return sum("image/png" in out.get("data", {}) or "image/gif" in out.get("data", {})
+             for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHILD_JAX_ENV, set_fields
+from conftest import CHILD_JAX_ENV, execute_notebook, images_shown, set_fields
 from resgen_jax import config_base, pipeline
 from resgen_jax import data as data_lib
 from resgen_jax.codec import losses, token_cache
@@ -98,28 +98,44 @@ def test_the_fake_imagenet_is_mixed_jpegs_in_the_real_layouts(fake):
     fake_imagenet.make(fake, CLASSES + 1, TRAIN_PER_CLASS, EVAL_PER_CLASS)
 
 
-def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
-  workdir = str(tmp_path / "run")
-  overrides = {"data.path": os.path.join(fake, "train"),
-               "data.eval_path": os.path.join(fake, "validation"),
-               "data.image_size": TEST_IMAGE_SIZE,
-               "tokenizer.loss.perceptual_weights": os.path.join(fake, fake_imagenet.LPIPS_FILE),
-               "evaluation.inception_weights": os.path.join(fake, fake_imagenet.INCEPTION_FILE),
-               # 16 Frechet distances in 2048-d Inception features (~10 s each on 2 cores);
-               # the report's rFID path is the digits tests' (and runlocal's own run's)
-               "evaluation.tokenizer_rfid": False,
-               # CI's budget: fewer steps (the GAN still switches on mid-run), one
-               # evaluation per stage, one Inception batch shape
-               "tokenizer.train.num_steps": 4, "tokenizer.loss.gan_start_step": 2,
-               "tokenizer.train.log_every": 1, "tokenizer.train.eval_every": 0,
-               "tokenizer.train.checkpoint_every": 2, "generator.train.num_steps": 6,
-               "generator.train.log_every": 3, "generator.train.eval_every": 0,
-               "generator.train.checkpoint_every": 3, "evaluation.batch_size": 10}
+# The CLI run's settings beyond runlocal's (and the fake set's paths: cli_overrides).
+OVERRIDES = {"data.image_size": TEST_IMAGE_SIZE,
+             # 16 Frechet distances in 2048-d Inception features (~10 s each on 2 cores);
+             # the report's rFID path is the digits tests' (and runlocal's own run's)
+             "evaluation.tokenizer_rfid": False,
+             # CI's budget: fewer steps (the GAN still switches on mid-run), one
+             # evaluation per stage, one Inception batch shape
+             "tokenizer.train.num_steps": 4, "tokenizer.loss.gan_start_step": 2,
+             "tokenizer.train.log_every": 1, "tokenizer.train.eval_every": 0,
+             "tokenizer.train.checkpoint_every": 2, "generator.train.num_steps": 6,
+             "generator.train.log_every": 3, "generator.train.eval_every": 0,
+             "generator.train.checkpoint_every": 3, "evaluation.batch_size": 10}
+
+
+def cli_overrides(fake):
+  """OVERRIDES with the fake set's paths filled in."""
+  paths = {"data.path": os.path.join(fake, "train"),
+           "data.eval_path": os.path.join(fake, "validation"),
+           "tokenizer.loss.perceptual_weights": os.path.join(fake, fake_imagenet.LPIPS_FILE),
+           "evaluation.inception_weights": os.path.join(fake, fake_imagenet.INCEPTION_FILE)}
+  return dict(OVERRIDES, **paths)
+
+
+@pytest.fixture(scope="module")
+def local_run(fake, tmp_path_factory):
+  """``python -m resgen_jax.main --config=configs/imagenet.py:runlocal`` run once: its
+  workdir, once every stage has finished (or the CLI's error)."""
+  workdir = str(tmp_path_factory.mktemp("imagenet_local") / "run")
   command = [sys.executable, "-m", "resgen_jax.main", f"--config={CONFIG}:runlocal",
-             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in cli_overrides(fake).items()]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                         env=dict(os.environ, **CHILD_JAX_ENV))
   assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def test_runlocal_runs_every_stage_from_the_command_line(fake, local_run):
+  workdir = local_run
   with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
     report = json.load(f)
   assert len(report["psnr_by_depth"]) == 16 and len(report["usage_by_depth"]) == 16
@@ -129,7 +145,8 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
   gan = [r["train/d_loss"] for r in rows if r.get("stage") == "tokenizer" and "train/d_loss" in r]
   assert gan and gan[0] == 0 and gan[-1] != 0  # the discriminator switches on inside the run
   samples = pipeline.samples_path(
-      set_fields(config_base.load_config_file(CONFIG + ":runlocal"), overrides), workdir)
+      set_fields(config_base.load_config_file(CONFIG + ":runlocal"), cli_overrides(fake)),
+      workdir)
   with np.load(samples) as data:
     assert data["arr_0"].shape == (CLASSES * 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
     assert data["arr_0"].dtype == np.uint8 and data["codes"].shape == (CLASSES * 4, 2, 2, 16)
@@ -139,6 +156,19 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, tmp_path):
   assert all(np.isfinite(v) for v in generated.values())
 
 
+def test_the_imagenet_notebook_runs_on_the_local_run(fake, local_run):
+  """notebooks/imagenet.ipynb after training: CFG samples, the reveal, and inpainting of
+  user image files of mixed sizes, through the Python API at the run's 64x64."""
+  files = sorted(os.path.join(fake, "validation", c, f)
+                 for c in sorted(os.listdir(os.path.join(fake, "validation")))[:2]
+                 for f in os.listdir(os.path.join(fake, "validation", c)))
+  notebook = execute_notebook("imagenet.ipynb", dict(
+      WORKDIR=local_run, TRAIN=False, CLASSES=(0, 3), SAMPLES_PER_CLASS=2,
+      IMAGE_FILES=tuple(files)))
+  assert images_shown(notebook) >= 4  # samples, the reveal rows and GIF, inpainting
+  assert os.path.getsize(os.path.join(local_run, "reveal.gif")) > 0
+  text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+  assert "tokens per image: (2, 2) x depth 16" in text and "'fid'" in text
 
 
 def test_the_paper_config_refuses_to_start_without_its_inception_weights(tmp_path):

@@ -8,9 +8,9 @@ import shutil
 import nbformat
 import pytest
 
-from conftest import NOTEBOOKS, execute_notebook
+from conftest import NOTEBOOKS, execute_notebook, images_shown
 
-NAMES = ("quickstart.ipynb", "tts.ipynb")
+NAMES = ("imagenet.ipynb", "quickstart.ipynb", "tts.ipynb")  # imagenet: test_imagenet_local
 
 
 def test_committed_notebooks_have_no_outputs_and_open_in_colab():
@@ -24,11 +24,6 @@ def test_committed_notebooks_have_no_outputs_and_open_in_colab():
       if cell.cell_type == "code":
         assert not cell.outputs and cell.execution_count is None, (
             f"{path} has committed outputs: clear them before committing")
-
-
-def images_shown(notebook) -> int:
-  return sum("image/png" in out.get("data", {}) or "image/gif" in out.get("data", {})
-             for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
 def test_quickstart_runs_on_a_trained_workdir(trained_run, tmp_path):
