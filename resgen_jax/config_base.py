@@ -157,6 +157,11 @@ def generator_config() -> ml_collections.ConfigDict:
           # and want a wide sigma, fully hidden positions a narrow one)
           sigma_per_count=False,
           target_norm=True,  # divide targets by their RMS per hidden count k (from data)
+          # weight of a scored position in the loss: position (each position with hidden
+          # tokens weighs 1, the paper's sum over positions) or tokens (it weighs its hidden
+          # count k, so every hidden token counts the same, as in the direct baseline's cross
+          # entropy, and fully hidden positions outweigh near-unpredictable fine tails)
+          position_weight="position",
           cond_dropout=0.1,  # probability of the null class (and null text) in training (CFG)
           # speech: share of examples trained with a wholly visible prefix (a prompt) of up to
           # prompt_max_fraction of their frames, as zero-shot synthesis conditions on one

@@ -184,6 +184,34 @@ def test_a_learned_sigma_per_hidden_count():
   assert np.all(np.asarray(grads["log_sigma"][1:]) != 0.0)
 
 
+@pytest.mark.parametrize("rule", ["position", "tokens"])
+def test_the_loss_weighs_positions_by_the_rule(rule):
+  """loss.position_weight: the task's loss is the numpy Jensen split over its own mask, each
+  scored position weighted 1 ("position") or by its hidden count ("tokens")."""
+  task, books = tiny_task(position_weight=rule)
+  batch = token_batch()
+  params, state = task.init(jax.random.key(0), batch)
+  state = task.data_init(params, state, batch, jax.random.key(1))
+  key = jax.random.key(4)
+  loss, metrics = task.losses(params, state, task.constants(), batch, key, False)
+  m = task.masked_batch(task.constants(), batch, key, False)
+  hidden = np.asarray(m["hidden"])
+  logits, means = task.model.apply({"params": params["model"]}, m["visible"], m["hidden"],
+                                   m["labels"], m["valid"])
+  target = np.asarray(m["target"]) / np.asarray(state["target_rms"])[hidden][..., None]
+  scored = (hidden > 0).astype(np.float64)
+  weights = scored * hidden if rule == "tokens" else scored
+  cls, reg, _ = np_losses(target, np.asarray(logits, np.float64), np.asarray(means, np.float64),
+                          0.5, weights, False)
+  _, _, nll = np_losses(target, np.asarray(logits, np.float64), np.asarray(means, np.float64),
+                        0.5, scored, False)
+  assert len(np.unique(hidden[hidden > 0])) > 1  # the rules differ on this mask
+  np.testing.assert_allclose(loss, cls + reg, rtol=1e-4)
+  np.testing.assert_allclose(metrics["nll"], nll, rtol=1e-4)  # per position either way
+  with pytest.raises(ValueError, match="position_weight must be one of"):
+    tiny_task(position_weight="depth")
+
+
 class TailOracle:
   """Stands in for the network: the exact hidden sum of known codes (times ``sign``) as the
   only component's mean, in normalised units."""

@@ -37,6 +37,7 @@ from resgen_jax.train.task import Task
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NULL_TEXT = 1  # the text token of "no text" (audio/text.py: NULL): the CFG null condition
 EVAL_MASK_SEED = 1234  # evaluation draws the same masks every time, so evals compare
+POSITION_WEIGHTS = ("position", "tokens")  # generator.loss.position_weight
 
 
 def flatten_tokens(batch: dict, depth: int):
@@ -51,6 +52,12 @@ def flatten_tokens(batch: dict, depth: int):
   valid = batch.get("valid_positions")
   valid = jnp.ones(codes.shape[:2], bool) if valid is None else valid
   return codes, batch["label"].astype(jnp.int32), valid
+
+
+def loss_position_weights(rule: str, hidden: jax.Array, scored: jax.Array) -> jax.Array:
+  """Each position's weight in the loss ``[B, L]``: ``scored`` (1 where it has hidden
+  tokens) for ``"position"``, times its hidden count ``hidden [B, L]`` for ``"tokens"``."""
+  return scored * hidden.astype(scored.dtype) if rule == "tokens" else scored
 
 
 def null_text(text: jax.Array) -> jax.Array:
@@ -142,6 +149,9 @@ class GeneratorTask(TokenTask):
     if text_vocab_size and m.text_mode not in TEXT_MODES:
       raise ValueError(f"generator.model.text_mode must be one of {TEXT_MODES}, got "
                        f"{m.text_mode!r}")
+    if loss.position_weight not in POSITION_WEIGHTS:
+      raise ValueError(f"generator.loss.position_weight must be one of {POSITION_WEIGHTS}, "
+                       f"got {loss.position_weight!r}")
     masking.schedule(loss.schedule)  # validates the name
     self.text_vocab_size, self.max_text_length = text_vocab_size, max_text_length
     self.model = ResGenTransformer(
@@ -240,12 +250,14 @@ class GeneratorTask(TokenTask):
                                      valid, train=train, text=m["text"],
                                      rngs={"dropout": dropout_key})
     weights = ((hidden > 0) & valid).astype(jnp.float32)
+    loss_weights = loss_position_weights(loss_cfg.position_weight, hidden, weights)
     log_sigma = self.position_log_sigma(params, hidden)
-    terms = mixture.jensen_losses(target, logits, means, log_sigma, weights,
+    terms = mixture.jensen_losses(target, logits, means, log_sigma, loss_weights,
                                   loss_cfg.learn_sigma)
     position_nll = mixture.position_nll(target, logits, means, log_sigma)
-    nll = mixture.weighted_mean(position_nll, weights)
-    loss = terms["cls"] + terms["reg"] if loss_cfg.kind == "jensen" else nll
+    nll = mixture.weighted_mean(position_nll, weights)  # per scored position, whatever weights
+    loss = (terms["cls"] + terms["reg"] if loss_cfg.kind == "jensen"
+            else mixture.weighted_mean(position_nll, loss_weights))
     metrics = {"cls": terms["cls"], "reg": terms["reg"], "nll": nll,
                "mixture_entropy": mixture.usage_entropy(logits, weights),
                "mask_ratio": jnp.sum(hidden) / (jnp.sum(valid) * self.depth)}
