@@ -15,13 +15,22 @@ Layout under ``DIR/tokens/``:
 Every file is written atomically, so an interrupted encoding never leaves a half-written
 file: a rerun resumes after the last complete chunk of each process, and the files then
 equal those of an uninterrupted run. A finished cache is never rewritten.
+
+The generator reads the codes through memory maps of the (uncompressed) chunk files
+(:class:`MappedTokenSource`): every host sees the whole cache but holds only the labels and
+the pages its batches touch (ImageNet's 1.28M x 16 x 16 x 16 int16 codes: ~10 GB on disk).
+A random batch of 256 costs ~2 ms from the page cache against ~0.5 ms from memory (2 CPU
+cores, 100k examples in 200 chunks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import struct
+import zipfile
 from typing import Callable, Iterable, Tuple
 
 import jax
@@ -37,6 +46,9 @@ META_FILE = "meta.json"
 CODEBOOKS_FILE = "codebooks.npz"
 PENDING_FILE = "encoding.json"
 INT16_MAX_CODES = 2 ** 15  # codes fit int16 (half the disk) below this codebook size
+# A zip local file header: signature, then fixed fields up to the name and extra lengths at
+# bytes 26-29 (PKWARE APPNOTE 4.3.7); the member's data follows the name and extra field.
+ZIP_LOCAL_SIGNATURE, ZIP_LOCAL_HEADER_BYTES = b"PK\x03\x04", 30
 
 
 def _without_count(meta: dict) -> dict:
@@ -169,12 +181,9 @@ def load_meta(workdir: str) -> Tuple[dict, np.ndarray]:
     return meta, data["codebooks"]
 
 
-def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """All shards of a split: codes int32 ``[N, h, w, D]`` and labels int32 ``[N]``.
-
-  Only the shards of the process count recorded in ``meta.json`` are read, so shards left
-  by an encoding with another process count never mix in.
-  """
+def split_files(workdir: str, split: str) -> list:
+  """Every token file of a split, in order: only those of the process count recorded in
+  ``meta.json``, so files left by an encoding with another process count never mix in."""
   meta, _ = load_meta(workdir)
   count = meta["process_count"]
   paths = [p for index in range(count) for p in process_files(workdir, split, index, count)]
@@ -183,12 +192,93 @@ def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
         f"no cached tokens of {split!r} from {count} processes in "
         f"{os.path.join(workdir, TOKENS_DIR)}; run the 'encode' stage "
         f"(python -m resgen_jax.main --mode=encode ...) first")
+  return paths
+
+
+def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """All token files of a split, in memory: codes int32 ``[N, h, w, D]``, labels int32
+  ``[N]``."""
   codes, labels = [], []
-  for path in paths:
+  for path in split_files(workdir, split):
     with np.load(path, allow_pickle=False) as data:
       codes.append(data["codes"].astype(np.int32))
       labels.append(data["labels"].astype(np.int32))
   return np.concatenate(codes), np.concatenate(labels)
+
+
+def map_npz_member(path: str, name: str) -> np.ndarray:
+  """Array ``name`` of an uncompressed ``.npz`` (``np.savez``), memory-mapped read-only:
+  its bytes are read from disk (or the page cache, shared by a host's processes) only when
+  indexed. Zip64 members work; a compressed member is refused by name."""
+  with zipfile.ZipFile(path) as archive:
+    info = archive.getinfo(name + ".npy")
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise ValueError(f"{path}: {name!r} is compressed and cannot be memory-mapped")
+  with open(path, "rb") as f:
+    f.seek(info.header_offset)
+    local = f.read(ZIP_LOCAL_HEADER_BYTES)
+    if local[:4] != ZIP_LOCAL_SIGNATURE:
+      raise ValueError(f"{path}: no zip entry header where {name!r} should start")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + ZIP_LOCAL_HEADER_BYTES + name_length + extra_length)
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(f)
+    offset = f.tell()
+  if not shape or 0 in shape:  # a scalar, or nothing to map (mmap cannot map zero bytes)
+    with np.load(path, allow_pickle=False) as data:
+      return data[name]
+  return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset,
+                   order="F" if fortran_order else "C")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MappedTokenSource:
+  """The cached codes of a split as a random-access source (codes in the image field),
+  read through memory maps of its token files: a host holds only its labels (4 bytes per
+  example) and the pages its batches touch, not the whole cache (ImageNet at 16x16x16 with
+  int16 codes: ~10 GB). ``get`` returns int32 codes of the first ``depth`` depths.
+
+  Attributes:
+    name: ``"tokens/<split>"``, for logs.
+    chunks: per token file, codes ``[N_c, h, w, D]`` (memory-mapped).
+    starts: int64 ``[len(chunks) + 1]``: the index of every file's first example, then N.
+    labels: int32 ``[N]``.
+    num_classes: number of classes of the dataset.
+    grid: ``(h, w)``.
+    depth: depths returned (a prefix of the cache's D).
+  """
+
+  name: str
+  chunks: Tuple[np.ndarray, ...]
+  starts: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  grid: Tuple[int, int]
+  depth: int
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.starts[-1])
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    return tuple(self.grid) + (self.depth,)
+
+  def get(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """int ``[n]`` -> (int32 codes ``[n, h, w, depth]``, int32 labels ``[n]``)."""
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+      raise IndexError(f"{self.name}: indices must be in [0, {self.num_examples})")
+    out = np.empty((len(indices),) + self.image_shape, np.int32)
+    chunk = np.searchsorted(self.starts, indices, side="right") - 1
+    for c in np.unique(chunk):
+      rows = np.flatnonzero(chunk == c)
+      local = indices[rows] - self.starts[c]
+      order = np.argsort(local, kind="stable")  # ascending reads along the file
+      out[rows[order]] = self.chunks[c][local[order], ..., :self.depth]
+    return out, self.labels[indices]
 
 
 def _token_batch(batch: dict) -> dict:
@@ -198,14 +288,26 @@ def _token_batch(batch: dict) -> dict:
   return out
 
 
-def token_source(workdir: str, split: str, num_classes: int, depth: int = 0):
-  """The cached codes of a split as a random-access source (codes in its image field):
-  their first ``depth`` depths (0: all), so generators of several depths can share one
-  depth-D cache (a tokenizer trained with quantizer dropout decodes every prefix)."""
-  codes, labels = load_tokens(workdir, split)
-  if depth:
-    codes = np.ascontiguousarray(codes[..., :depth])
-  return data_lib.ArraySource(f"tokens/{split}", codes, labels, num_classes)
+def token_source(workdir: str, split: str, num_classes: int,
+                 depth: int = 0) -> MappedTokenSource:
+  """The cached codes of a split as a memory-mapped random-access source: their first
+  ``depth`` depths (0: all), so generators of several depths can share one depth-D cache (a
+  tokenizer trained with quantizer dropout decodes every prefix)."""
+  chunks, labels = [], []
+  for path in split_files(workdir, split):
+    codes = map_npz_member(path, "codes")
+    with np.load(path, allow_pickle=False) as data:
+      labels.append(data["labels"].astype(np.int32))
+    if len(codes) != len(labels[-1]):
+      raise ValueError(f"{path}: {len(codes)} codes but {len(labels[-1])} labels")
+    if len(codes):
+      chunks.append(codes)
+  meta, _ = load_meta(workdir)
+  if not 0 <= depth <= meta["depth"]:
+    raise ValueError(f"tokens/{split}: depth {depth} beyond the cache's {meta['depth']}")
+  starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+  return MappedTokenSource(f"tokens/{split}", tuple(chunks), starts, np.concatenate(labels),
+                           num_classes, tuple(meta["grid"]), depth or meta["depth"])
 
 
 class TokenBatches:
