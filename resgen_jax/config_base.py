@@ -285,6 +285,10 @@ def base_config() -> ml_collections.ConfigDict:
           # every proxy_every generator steps, logged as train/fid_proxy; 0 disables
           proxy_every=0,
           proxy_samples=500,
+          # the proxy's real side: the first proxy_reference_examples held-out images (0: the
+          # whole split), computed once per generator run on every process; with the
+          # inception extractor, reference_stats replaces them when given
+          proxy_reference_examples=0,
           tokenizer_rfid=True,  # reconstruction FID per depth prefix in the tokenizer report
           # held-out images of that rFID (0: the whole split); the extractor sees each D + 1
           # times (the image and its D prefix reconstructions)

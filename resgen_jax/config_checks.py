@@ -121,6 +121,10 @@ def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> No
                        f"{config.evaluation.proxy_every}")
     if config.evaluation.proxy_every:
       check_proxy_samples(config.evaluation.proxy_samples)
+      reference = config.evaluation.proxy_reference_examples
+      if reference < 0 or reference == 1:
+        raise ValueError(f"evaluation.proxy_reference_examples must be 0 (the whole held-out "
+                         f"split) or >= 2 (a covariance), got {reference}")
   image = config.data.name not in corpus.SPEECH_SOURCES
   if image and "encode" in stages and config.tokenizer.encode_chunk_batches < 1:
     raise ValueError(f"tokenizer.encode_chunk_batches must be >= 1, got "

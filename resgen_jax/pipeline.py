@@ -721,12 +721,26 @@ def feature_extractor(config, workdir: str) -> features_lib.Extractor:
                                          ecfg.classifier_pool)
 
 
-def heldout_features(config, extractor: features_lib.Extractor):
-  """Features and logits of every real image of ``data.eval_split`` (whole on every
-  process), ``evaluation.batch_size`` images at a time."""
+def heldout_features(config, extractor: features_lib.Extractor,
+                     max_examples: Optional[int] = None):
+  """Features and logits of the real images of ``data.eval_split`` (the first
+  ``max_examples``; None: all), the same on every process, ``evaluation.batch_size`` images
+  at a time."""
   real = (b["image"][b["valid"]] for b in data_lib.eval_batches(
-      config.data, config.data.eval_split, config.evaluation.batch_size))
+      config.data, config.data.eval_split, config.evaluation.batch_size,
+      max_examples=max_examples))
   return features_lib.extract(extractor, real)
+
+
+def proxy_reference(config, extractor: features_lib.Extractor) -> features_lib.Reference:
+  """The FID proxy's real statistics: ``evaluation.reference_stats`` for the Inception
+  extractor when given, else the features of the first ``proxy_reference_examples``
+  held-out images (0: all)."""
+  ecfg = config.evaluation
+  if ecfg.extractor == "inception" and ecfg.reference_stats:
+    return fid.load_reference(ecfg.reference_stats)
+  return features_lib.Reference.from_features(
+      heldout_features(config, extractor, ecfg.proxy_reference_examples or None)[0])
 
 
 def _evaluate_with_classifier(config, workdir: str, samples: str) -> dict:
@@ -790,7 +804,7 @@ def make_fid_proxy(config, workdir: str, mesh, gen_task: TokenTask) -> Callable:
   config_checks.check_proxy_samples(count)
   tok_task, tok_state = load_tokenizer(config, workdir, mesh)
   extractor = feature_extractor(config, workdir)
-  reference = features_lib.Reference.from_features(heldout_features(config, extractor)[0])
+  reference = proxy_reference(config, extractor)
   # Classes in turn, sorted: with count = C x samples_per_class these are the sample stage's
   # labels, and the proxy at the last step is that stage's Frechet distance.
   labels = np.sort(np.arange(count) % config.data.num_classes)

@@ -32,7 +32,8 @@ SIZE_FIELDS = (
     "generator.model.low_rank", "generator.model.dropout", "generator.train",
     "sampler.steps", "sampler.samples_per_class", "sampler.batch_size",
     "evaluation.inception_weights", "evaluation.batch_size",
-    "evaluation.tokenizer_rfid_examples")
+    "evaluation.tokenizer_rfid_examples", "evaluation.proxy_every", "evaluation.proxy_samples",
+    "evaluation.proxy_reference_examples")
 
 
 def flatten(tree, prefix=""):
@@ -109,7 +110,8 @@ OVERRIDES = {"data.image_size": TEST_IMAGE_SIZE,
              "tokenizer.train.log_every": 1, "tokenizer.train.eval_every": 0,
              "tokenizer.train.checkpoint_every": 2, "generator.train.num_steps": 6,
              "generator.train.log_every": 3, "generator.train.eval_every": 0,
-             "generator.train.checkpoint_every": 3, "evaluation.batch_size": 10}
+             "generator.train.checkpoint_every": 3, "evaluation.batch_size": 10,
+             "evaluation.proxy_every": 6}  # one Inception FID proxy, at the last step
 
 
 def cli_overrides(fake):
@@ -144,6 +146,8 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, local_run):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   gan = [r["train/d_loss"] for r in rows if r.get("stage") == "tokenizer" and "train/d_loss" in r]
   assert gan and gan[0] == 0 and gan[-1] != 0  # the discriminator switches on inside the run
+  proxy = [r["train/fid_proxy"] for r in rows if "train/fid_proxy" in r]
+  assert len(proxy) == 1 and np.isfinite(proxy[0])  # Inception, on 8 held-out images
   samples = pipeline.samples_path(
       set_fields(config_base.load_config_file(CONFIG + ":runlocal"), cli_overrides(fake)),
       workdir)

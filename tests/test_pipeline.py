@@ -21,6 +21,7 @@ from resgen_jax import pipeline
 from resgen_jax.codec import token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, frechet
+from resgen_jax.evaluation import features as features_lib
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import preemption, trainer
 from resgen_jax.utils import images as image_utils
@@ -451,6 +452,7 @@ def set_field(config, dotted: str, value):
     ("sampler.samples_per_class", 0, "samples_per_class and sampler.batch_size must be >= 1"),
     ("data.num_classes", 1, "x data.num_classes \\(1\\) = 2 samples"),
     ("evaluation.proxy_samples", 1, "evaluation.proxy_samples must be >= 2"),
+    ("evaluation.proxy_reference_examples", 1, "proxy_reference_examples must be 0"),
 ])
 def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
   config = tiny_config(num_steps=4)
@@ -461,6 +463,34 @@ def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
     pipeline.run(config, str(tmp_path))
   # A refused start leaves no checkpoint behind.
   assert not os.path.exists(os.path.join(tmp_path, "tokenizer", trainer.CHECKPOINT_DIR, "0"))
+
+
+def test_the_proxy_reference_is_a_held_out_subset_or_the_reference_stats(tmp_path):
+  """evaluation.proxy_reference_examples: the first N held-out images (0: all); with the
+  Inception extractor, evaluation.reference_stats instead (no held-out pass at all)."""
+  config = tiny_config()
+  seen = []
+
+  def extractor(images):  # per-image pixel moments: features that tell images apart
+    images = np.asarray(images, np.float64).reshape(len(images), -1)
+    seen.append(len(images))
+    return np.stack([images.mean(1), images.std(1), images[:, 0]], 1), np.zeros((len(images), 2))
+
+  real, _ = data_lib.load_all(config.data, config.data.eval_split)
+  for count, expected in ((0, real), (37, real[:37])):
+    config.evaluation.proxy_reference_examples = count
+    got = pipeline.proxy_reference(config, extractor)
+    want = features_lib.Reference.from_features(extractor(expected)[0])
+    np.testing.assert_allclose(got.mu, want.mu)
+    np.testing.assert_allclose(got.sigma, want.sigma)
+  rng = np.random.default_rng(0)
+  stats = str(tmp_path / "ref.npz")
+  np.savez(stats, mu=rng.normal(size=2048), sigma=np.eye(2048))
+  config.evaluation.update(extractor="inception", reference_stats=stats)
+  seen.clear()
+  np.testing.assert_array_equal(pipeline.proxy_reference(config, extractor).mu,
+                                np.load(stats)["mu"])
+  assert not seen
 
 
 def test_a_held_out_split_too_small_for_the_knn_metrics_is_refused_at_start_up(tmp_path):
