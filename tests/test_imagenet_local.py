@@ -99,6 +99,34 @@ def test_the_fake_imagenet_is_mixed_jpegs_in_the_real_layouts(fake):
     fake_imagenet.make(fake, CLASSES + 1, TRAIN_PER_CLASS, EVAL_PER_CLASS)
 
 
+def test_the_fake_imagenet_as_tfds_streams_through_the_pods_path(fake, tmp_path):
+  """``fake_imagenet.make_tfds``: TFDS's own imagenet2012 builder prepares the fake JPEGs
+  from tars in the real layouts; the stream source reads every held-out image with the
+  label TFDS gives it (the folder source's image, up to TF's resize against PIL's), and
+  trains from the synset classes."""
+  data_dir = fake_imagenet.make_tfds(fake, str(tmp_path / "tfds"))
+  config = config_base.load_config_file(CONFIG + ":runlocal").data
+  config.update(name="imagenet2012", data_dir=data_dir, image_size=TEST_IMAGE_SIZE,
+                eval_split="validation", num_classes=1000)
+  streamed = list(data_lib.eval_batches(config, "validation", 4))
+  images = np.concatenate([b["image"][b["valid"]] for b in streamed])
+  labels = np.concatenate([b["label"][b["valid"]] for b in streamed])
+  want_labels = fake_imagenet.tfds_validation_labels(CLASSES * EVAL_PER_CLASS)
+  assert len(set(want_labels)) == len(want_labels)  # each label names one file here
+  assert sorted(labels) == sorted(want_labels)
+  folder = config_base.load_config_file(CONFIG + ":runlocal").data
+  folder.update(path=os.path.join(fake, "train"), eval_path=os.path.join(fake, "validation"),
+                image_size=TEST_IMAGE_SIZE)
+  expected, _ = data_lib.load_all(folder, "validation")  # in file order, as tarred
+  for image, label in zip(images, labels):
+    reference = expected[list(want_labels).index(label)].astype(np.float64)
+    assert np.mean(np.abs(image - reference)) < 3.0, label  # the same picture
+  batch = next(data_lib.make_train_iterator(config, 8, seed=0))
+  assert batch["image"].shape == (8, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
+  assert batch["image"].dtype == np.uint8 and set(batch["label"]) <= set(range(CLASSES))
+  assert fake_imagenet.make_tfds(fake, data_dir) == data_dir  # prepared: kept
+
+
 # The CLI run's settings beyond runlocal's (and the fake set's paths: cli_overrides).
 OVERRIDES = {"data.image_size": TEST_IMAGE_SIZE,
              # 16 Frechet distances in 2048-d Inception features (~10 s each on 2 cores);

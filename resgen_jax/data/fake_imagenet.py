@@ -17,14 +17,25 @@ looks):
   FID evaluator's code paths; their numbers mean nothing. Real runs give the converted
   files instead.
 
+With ``--tfds_dir=DATA_DIR`` it also prepares the same images as the TFDS ``imagenet2012``
+data set (:func:`make_tfds`): it writes ``ILSVRC2012_img_train.tar`` (one tar per synset)
+and ``ILSVRC2012_img_val.tar`` in the real layouts into ``<out>/tfds_manual`` and runs
+TFDS's own ImageNet builder on them, so ``--config.data.name=imagenet2012
+--config.data.data_dir=DATA_DIR`` streams them through the path a pod uses. Training class
+``k`` is TFDS's ``k``-th synset; TFDS labels validation files from its own table by their
+rank in name order, so the held-out labels are that table's first entries (anywhere in
+0..999: such a run needs ``data.num_classes=1000``; :func:`tfds_validation_labels`).
+
 Deterministic for a seed; an existing complete set of the same settings is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import tarfile
 import tempfile
 
 import jax
@@ -135,6 +146,71 @@ def make(root: str = DEFAULT_ROOT, num_classes: int = 10, train_per_class: int =
   return root
 
 
+def tfds_validation_labels(count: int) -> np.ndarray:
+  """The labels TFDS gives the first ``count`` validation files of :func:`make_tfds`."""
+  labels, validation = tfds_synsets()
+  return np.asarray([labels.index(name) for name in validation[:count]], np.int32)
+
+
+def tfds_synsets() -> list:
+  """TFDS's 1000 ImageNet synsets in label order, and the synset of each validation file in
+  name order, from the files TFDS ships."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  folder = tfds.core.tfds_path("datasets/imagenet2012")
+  read = lambda name: (folder / name).read_text().split()
+  return read("labels.txt"), read("validation_labels.txt")
+
+
+def tar_bytes(members) -> bytes:
+  """An uncompressed tar of ``(name, bytes)`` members."""
+  out = io.BytesIO()
+  with tarfile.open(fileobj=out, mode="w") as tar:
+    for name, blob in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  return out.getvalue()
+
+
+def class_files(root: str, split: str, label: int) -> list:
+  folder = os.path.join(root, split, synset(label))
+  return [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
+
+
+def read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def make_tfds(root: str, data_dir: str) -> str:
+  """Prepares the fake set under ``root`` (:func:`make`) as TFDS ``imagenet2012`` in
+  ``data_dir`` (kept when already prepared). -> data_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from resgen_jax.data import sources  # pylint: disable=g-import-not-at-top
+  sources.import_tensorflow()
+  with open(os.path.join(root, DONE_FILE)) as f:
+    num_classes = json.load(f)["classes"]
+  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+  if builder.is_prepared():
+    return data_dir
+  labels, validation = tfds_synsets()
+  if num_classes > len(labels):
+    raise ValueError(f"TFDS ImageNet has {len(labels)} classes, the fake set {num_classes}")
+  manual = os.path.join(root, "tfds_manual")
+  os.makedirs(manual, exist_ok=True)
+  class_tars = [(f"{labels[label]}.tar", tar_bytes(
+      (os.path.basename(p).replace(synset(label), labels[label]), read_bytes(p))
+      for p in class_files(root, "train", label))) for label in range(num_classes)]
+  files.save_bytes(os.path.join(manual, "ILSVRC2012_img_train.tar"), tar_bytes(class_tars))
+  # TFDS labels validation files by their rank in name order (the k-th gets entry k of its
+  # table), so these get the first len(val) entries, not the folder's classes.
+  paths = [p for label in range(num_classes) for p in class_files(root, "validation", label)]
+  val = [(f"ILSVRC2012_val_{k + 1:08d}.JPEG", read_bytes(p)) for k, p in enumerate(paths)]
+  files.save_bytes(os.path.join(manual, "ILSVRC2012_img_val.tar"), tar_bytes(val))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  return data_dir
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=DEFAULT_ROOT)
@@ -142,9 +218,15 @@ def main() -> None:
   parser.add_argument("--train_per_class", type=int, default=24)
   parser.add_argument("--eval_per_class", type=int, default=6)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tfds_dir", default="",
+                      help="also prepare it as TFDS imagenet2012 in this data_dir")
   args = parser.parse_args()
   root = make(args.out, args.classes, args.train_per_class, args.eval_per_class, args.seed)
   print(f"wrote a fake ImageNet ({args.classes} classes) under {root}")
+  if args.tfds_dir:
+    make_tfds(root, args.tfds_dir)
+    print(f"prepared it as TFDS imagenet2012 in {args.tfds_dir} (--config.data.name="
+          f"imagenet2012 --config.data.data_dir={args.tfds_dir})")
 
 
 if __name__ == "__main__":
