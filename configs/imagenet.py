@@ -33,7 +33,7 @@ import os
 
 from resgen_jax import config_base
 from resgen_jax.data import fake_imagenet
-from resgen_jax.generator import model
+from resgen_jax import layers
 
 VARIANTS = ("", "runlocal")
 
@@ -50,7 +50,7 @@ def get_config(variant: str = ""):
   config.data.random_flip = True
   config.data.train_split = "train"
   config.data.eval_split = "validation"
-  config.mesh.rules = model.TENSOR_PARALLEL_RULES  # unmatched leaves: FSDP (largest dim)
+  config.mesh.rules = layers.TENSOR_PARALLEL_RULES  # unmatched leaves: FSDP (largest dim)
 
   tok = config.tokenizer
   tok.model.channels = 128

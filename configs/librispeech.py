@@ -18,7 +18,7 @@ speaker-verification models, which the evaluate stage's exported lists are for.
 """
 
 from resgen_jax import config_base
-from resgen_jax.generator import model
+from resgen_jax import layers
 
 
 def get_config():
@@ -69,7 +69,7 @@ def get_config():
   gen.train.eval_every = 10_000
   gen.train.checkpoint_every = 5000
   config.text.max_length = 512
-  config.mesh.rules = model.TENSOR_PARALLEL_RULES
+  config.mesh.rules = layers.TENSOR_PARALLEL_RULES
 
   config.sampler.steps = 16
   config.sampler.cfg_scale = 2.0

@@ -16,6 +16,7 @@ import ml_collections
 from resgen_jax.audio import corpus
 from resgen_jax.evaluation import classifier, inception, metrics
 from resgen_jax.generator import sampler
+from resgen_jax.generator.task import check_generator_model
 
 TRAINED_STAGES = {"tokenizer": "tokenizer", "generator": "generator"}  # stage -> section
 SAMPLING_STAGES = ("sample", "synthesize", "evaluate")
@@ -40,22 +41,6 @@ def check_train(cfg: ml_collections.ConfigDict, name: str) -> None:
                      f"got {cfg.eval_every} and {cfg.eval_examples}")
   if cfg.learning_rate <= 0:
     raise ValueError(f"{field('learning_rate')} must be positive, got {cfg.learning_rate}")
-
-
-def check_generator_model(cfg: ml_collections.ConfigDict) -> None:
-  """The generator's shape (``generator.model``)."""
-  m = cfg.model
-  for f in ("width", "num_layers", "num_heads", "mlp_ratio", "num_components", "low_rank"):
-    if m[f] < 1:
-      raise ValueError(f"generator.model.{f} must be >= 1, got {m[f]}")
-  if m.width % m.num_heads:
-    raise ValueError(f"generator.model.width ({m.width}) must be a multiple of "
-                     f"generator.model.num_heads ({m.num_heads})")
-  if not 0.0 <= m.dropout < 1.0:
-    raise ValueError(f"generator.model.dropout must be in [0, 1), got {m.dropout}")
-  if cfg.token_depth < 0:
-    raise ValueError(f"generator.token_depth must be >= 0 (0: every cached depth), got "
-                     f"{cfg.token_depth}")
 
 
 def check_sample_counts(scfg: ml_collections.ConfigDict) -> None:

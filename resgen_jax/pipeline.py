@@ -832,8 +832,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
   stages = tuple(config.stages if stages is None else stages)
   table = STAGES
   if config.data.name in corpus.SPEECH_SOURCES:
-    from resgen_jax.audio import tts  # pylint: disable=g-import-not-at-top
-    table = tts.STAGES
+    from resgen_jax.audio import stages as speech_stages  # pylint: disable=g-import-not-at-top
+    table = speech_stages.STAGES
   unknown = [s for s in stages if s not in table]
   if unknown:
     kind = "speech" if table is not STAGES else "image"

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import nbformat
-import pytest
 
 from conftest import NOTEBOOKS, execute_notebook, images_shown
 

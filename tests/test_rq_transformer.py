@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from resgen_jax.baselines.rq_transformer import RQTransformerTask
 from resgen_jax.generator import sampler
-from resgen_jax.generator import model
+from resgen_jax import layers
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import optim, trainer
 
@@ -229,7 +229,7 @@ def test_bfloat16_and_remat_train_with_float32_parameters(params):
 def test_tensor_parallel_rules_split_heads_and_mlp(task):
   abstract = jax.eval_shape(lambda b: task.init(jax.random.key(0), b)[0], token_batch())
   mesh = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
-  rules = mesh_lib.ShardingRules(rules=model.TENSOR_PARALLEL_RULES, fsdp_min_size=64)
+  rules = mesh_lib.ShardingRules(rules=layers.TENSOR_PARALLEL_RULES, fsdp_min_size=64)
   specs = {path: s.spec for path, s in zip(mesh_lib.tree_paths(abstract),
                                            jax.tree.leaves(rules.shardings(abstract, mesh)))}
   for stack in ("spatial_blocks_1", "depth_blocks_0"):

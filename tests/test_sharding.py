@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
-from resgen_jax.generator import model
+from resgen_jax import layers
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
@@ -20,7 +20,7 @@ DEPTH, POSITIONS, CLASSES, CODES, LATENT = 3, 6, 4, 8, 4
 BATCH = 16
 # Every tiny-model matrix is sharded under fsdp (the default minimum would skip them all).
 SMALL_FSDP = mesh_lib.ShardingRules(fsdp_min_size=64)
-TENSOR = mesh_lib.ShardingRules(rules=model.TENSOR_PARALLEL_RULES, fsdp_min_size=64)
+TENSOR = mesh_lib.ShardingRules(rules=layers.TENSOR_PARALLEL_RULES, fsdp_min_size=64)
 
 pytestmark = [pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices"),
               pytest.mark.usefixtures("quick_compile")]

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 from resgen_jax import config_base
-from resgen_jax.generator.model import TEXT_PAD
-from resgen_jax.generator.task import NULL_TEXT, GeneratorTask, null_text, prompt_positions
-from resgen_jax.audio import text as text_lib
+from resgen_jax.generator.task import GeneratorTask, null_text, prompt_positions
 
 POSITIONS, DEPTH, VOCAB, DIM, TEXT_VOCAB, TEXT_LEN = 12, 3, 16, 4, 20, 7
 
@@ -33,10 +31,6 @@ def batch(rng, size=2, lengths=(12, 7)):
     text[row, :n] = rng.integers(2, TEXT_VOCAB, n)
   return {"codes": codes.astype(np.int32), "label": np.zeros(size, np.int32),
           "valid_positions": valid, "text": text}
-
-
-def test_text_ids_agree_with_the_tokenizer():
-  assert TEXT_PAD == text_lib.PAD and NULL_TEXT == text_lib.NULL
 
 
 @pytest.mark.parametrize("mode", ["cross", "prefix"])

@@ -1,6 +1,6 @@
 """The speech side of the Python API: a trained text-to-speech run speaking in a prompt's voice.
 
-    from resgen_jax import api
+    from resgen_jax import pipeline, runs
 
     run = api.load("/tmp/tts")                     # a SpeechRun
     speech = run.synthesize("six seven eight", prompt_wav="prompt.wav",
@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple, Union
 import ml_collections
 import numpy as np
 
-from resgen_jax import api
+from resgen_jax import pipeline, runs
 from resgen_jax.audio import corpus, frontend, tts
 
 # A prompt: a WAV file's path or ``(wave float [T], sample rate in Hz)``.
@@ -50,20 +50,20 @@ class SpeechRun:
   Args:
     workdir: the run's directory.
     config: its config (default: read from ``DIR/config.json``).
-    mesh: devices to run on (default :func:`api.default_mesh`).
+    mesh: devices to run on (default :func:`runs.default_mesh`).
     vocoder: mels -> waves (default Griffin-Lim, as the synthesize stage).
   """
 
   def __init__(self, workdir: str, config: Optional[ml_collections.ConfigDict] = None,
                mesh=None, vocoder: Optional[frontend.Vocoder] = None):
     self.workdir = workdir
-    self.config = api.read_run_config(workdir) if config is None else config
+    self.config = runs.read_run_config(workdir) if config is None else config
     if self.config.data.name not in corpus.SPEECH_SOURCES:
       raise ValueError(f"{workdir} is an image run (data.name={self.config.data.name!r}); "
                        f"load it with api.load or api.ImageRun")
-    self.mesh = api.default_mesh(self.config) if mesh is None else mesh
+    self.mesh = runs.default_mesh(self.config) if mesh is None else mesh
     for stage in ("tokenizer", "generator"):
-      api.check_trained(workdir, stage)
+      runs.check_trained(workdir, stage)
     (self.codec, self.codec_state, self.task, self.state,
      self.tokenizer) = tts.load_generator(self.config, workdir, self.mesh)
     self.sample_rate = self.config.audio.sample_rate
@@ -90,7 +90,7 @@ class SpeechRun:
       raise ValueError(f"prompt_wav: {e}") from e
 
   def _synthesizer(self, config) -> tts.Synthesizer:
-    key = api.pipeline.settings_hash(config.sampler)
+    key = pipeline.settings_hash(config.sampler)
     if key not in self._synthesizers:
       self._synthesizers[key] = tts.Synthesizer(
           config, self.codec, self.codec_state, self.task, self.state, self.tokenizer,
@@ -114,7 +114,7 @@ class SpeechRun:
     Returns:
       :class:`Speech`.
     """
-    config = api.sampler_config(self.config, self.mesh, 1, None, seed, steps=steps,
+    config = runs.sampler_config(self.config, self.mesh, 1, None, seed, steps=steps,
                                 cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                 **sampler_settings)
     request = tts.make_request(

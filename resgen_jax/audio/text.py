@@ -22,9 +22,10 @@ import ml_collections
 import numpy as np
 
 from resgen_jax.audio import espeak
+from resgen_jax.layers import NULL_TEXT, TEXT_PAD
 
 # Reserved ids: padding, and the "no text" condition of classifier-free guidance.
-PAD, NULL = 0, 1
+PAD, NULL = TEXT_PAD, NULL_TEXT  # the ids the generator's text encoder reads (layers.py)
 # The id of a tokenizer's first symbol: the reserved ids come before it.
 FIRST_SYMBOL = 2
 TOKENIZERS = ("chars", "phonemes")

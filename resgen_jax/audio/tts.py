@@ -1,5 +1,6 @@
-"""Zero-shot text-to-speech with ResGen: the speech stages of a run (``data.name`` a speech
-source: ``espeak``, ``manifest`` or ``librispeech``).
+"""Zero-shot text-to-speech with ResGen: the work of the speech stages of a run (``data.name``
+a speech source: ``espeak``, ``manifest`` or ``librispeech``; ``audio/stages.py`` is their
+table).
 
 The same generator and sampler as for images; only the tokenizer, the conditioning and the
 data differ:
@@ -613,12 +614,3 @@ def run_synthesize(config, workdir: str, mesh, vocoder: Optional[frontend.Vocode
         logging.info("wrote %s (%.2f s)", path,
                      len(result.generated) / config.audio.sample_rate)
   return [p for _, p in jobs]
-
-
-def run_evaluate(config, workdir: str, mesh) -> dict:
-  from resgen_jax.audio import evaluation  # pylint: disable=g-import-not-at-top
-  return evaluation.run_evaluate(config, workdir, mesh)
-
-
-STAGES = {"tokenizer": run_codec, "encode": run_encode, "generator": run_generator,
-          "synthesize": run_synthesize, "evaluate": run_evaluate}

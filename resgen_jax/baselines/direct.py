@@ -17,9 +17,8 @@ import ml_collections
 import numpy as np
 
 from resgen_jax.codec import rvq
-from resgen_jax.baselines.rq_transformer import token_nll
 from resgen_jax.generator import masking, sampler
-from resgen_jax.generator.task import GeneratorTask
+from resgen_jax.generator.task import GeneratorTask, token_nll
 
 
 def token_cross_entropy(logits: jax.Array, codes: jax.Array, weights: jax.Array):

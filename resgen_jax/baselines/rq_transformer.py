@@ -23,7 +23,7 @@ start token and modulates every block of both transformers through adaLN-Zero, a
 ResGen model, so both families see the class the same way.
 
 Blocks name their parameters as the ResGen blocks do (``attn/{query,key,value,out}``,
-``mlp_in``, ``mlp_out``, ``modulation``), so ``model.TENSOR_PARALLEL_RULES`` lays them out.
+``mlp_in``, ``mlp_out``, ``modulation``), so ``layers.TENSOR_PARALLEL_RULES`` lays them out.
 
 Sampling draws the L x D tokens one by one: per position one spatial step, then D depth
 steps, each a single-token call against explicit key/value caches threaded through
@@ -43,12 +43,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resgen_jax import config_checks
 from resgen_jax.codec import rvq
-from resgen_jax.generator.model import (RESIDUAL_AXES, adaln_mlp, adaln_modulation, adaln_norm,
-                                        block_class, modulate)
 from resgen_jax.generator import sampler
-from resgen_jax.generator.task import DTYPES, TokenTask
+from resgen_jax.generator.task import TokenTask, token_nll
+from resgen_jax.layers import (DTYPES, RESIDUAL_AXES, adaln_mlp, adaln_modulation, adaln_norm,
+                               block_class, modulate)
 
 Array = jax.Array
 KVCache = Tuple[Array, Array]  # keys and values of one block, each [B, T, heads, head_dim]
@@ -99,7 +98,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class CausalBlock(nn.Module):
-  """Pre-LN adaLN-Zero block (generator.model.AdaLNBlock) with causal self-attention that
+  """Pre-LN adaLN-Zero block (layers.AdaLNBlock) with causal self-attention that
   reads and extends a key/value cache."""
   width: int
   num_heads: int
@@ -120,7 +119,7 @@ class CausalBlock(nn.Module):
 
 
 def causal_block_class(remat: bool, policy: str = ""):
-  """CausalBlock, rematerialised in the backward pass as ``generator.model.block_class``
+  """CausalBlock, rematerialised in the backward pass as ``layers.block_class``
   says (which also validates the policy name)."""
   block_class(remat, policy)
   if not remat:
@@ -153,7 +152,7 @@ class RQTransformer(nn.Module):
   mlp_ratio: int
   dropout: float = 0.0
   remat: bool = False
-  remat_policy: str = ""  # see generator.model.block_class
+  remat_policy: str = ""  # see layers.block_class
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -238,13 +237,6 @@ class RQTransformer(nn.Module):
     return logits.reshape(batch, length, depth, self.codebook_size)
 
 
-def token_nll(logits: Array, codes: Array):
-  """``(-log p(code), code is the most probable)``: logits ``[..., V]``, codes ``[...]``."""
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, codes[..., None], axis=-1)[..., 0]
-  return nll, jnp.argmax(logits, axis=-1) == codes
-
-
 class RQTransformerTask(TokenTask):
   """The RQ-Transformer over token grids ``[L, D]`` with ``num_classes`` classes; batches
   as GeneratorTask's."""
@@ -252,7 +244,6 @@ class RQTransformerTask(TokenTask):
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
                num_positions: int, depth: int, num_classes: int):
     m = cfg.model
-    config_checks.check_generator_model(cfg)
     if cfg.rq.depth_layers < 1:
       raise ValueError(f"generator.rq.depth_layers must be >= 1, got {cfg.rq.depth_layers}")
     if m.scan_layers:

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from resgen_jax.codec import autoencoder, losses, rvq
+from resgen_jax.layers import DTYPES
 from resgen_jax.train.task import Task
 from resgen_jax.utils import images as image_utils
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _dtype(name: str):

@@ -3,7 +3,7 @@
 A batch is ``{"codes": int [B, ..., D], "label": int [B]}`` (images: ``[B, h, w, D]``,
 flattened to ``L = h*w`` positions) with an optional ``"valid_positions": bool [B, L]``
 padding mask for variable-length sequences (speech) and, for a text-conditioned model, the
-transcript ``"text": int [B, S]`` (``model.TEXT_PAD`` padding). The tokenizer's codebooks
+transcript ``"text": int [B, S]`` (``layers.TEXT_PAD`` padding). The tokenizer's codebooks
 are a frozen input (``constants``).
 
 Per step: draw the depth-wise mask as hidden counts ``k`` (masking.py), embed the tokens,
@@ -31,11 +31,10 @@ import numpy as np
 
 from resgen_jax.codec import rvq
 from resgen_jax.generator import masking, mixture, sampler
-from resgen_jax.generator.model import TEXT_MODES, ResGenTransformer, block_class
+from resgen_jax.generator.model import ResGenTransformer
+from resgen_jax.layers import DTYPES, NULL_TEXT, TEXT_MODES, block_class
 from resgen_jax.train.task import Task
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NULL_TEXT = 1  # the text token of "no text" (audio/text.py: NULL): the CFG null condition
 EVAL_MASK_SEED = 1234  # evaluation draws the same masks every time, so evals compare
 POSITION_WEIGHTS = ("position", "tokens")  # generator.loss.position_weight
 
@@ -58,6 +57,29 @@ def loss_position_weights(rule: str, hidden: jax.Array, scored: jax.Array) -> ja
   """Each position's weight in the loss ``[B, L]``: ``scored`` (1 where it has hidden
   tokens) for ``"position"``, times its hidden count ``hidden [B, L]`` for ``"tokens"``."""
   return scored * hidden.astype(scored.dtype) if rule == "tokens" else scored
+
+
+def token_nll(logits: jax.Array, codes: jax.Array):
+  """``(-log p(code), code is the most probable)``: logits ``[..., V]``, codes ``[...]``."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, codes[..., None], axis=-1)[..., 0]
+  return nll, jnp.argmax(logits, axis=-1) == codes
+
+
+def check_generator_model(cfg: ml_collections.ConfigDict) -> None:
+  """The generator's shape (``generator.model``), which every family reads."""
+  m = cfg.model
+  for f in ("width", "num_layers", "num_heads", "mlp_ratio", "num_components", "low_rank"):
+    if m[f] < 1:
+      raise ValueError(f"generator.model.{f} must be >= 1, got {m[f]}")
+  if m.width % m.num_heads:
+    raise ValueError(f"generator.model.width ({m.width}) must be a multiple of "
+                     f"generator.model.num_heads ({m.num_heads})")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ValueError(f"generator.model.dropout must be in [0, 1), got {m.dropout}")
+  if cfg.token_depth < 0:
+    raise ValueError(f"generator.token_depth must be >= 0 (0: every cached depth), got "
+                     f"{cfg.token_depth}")
 
 
 def null_text(text: jax.Array) -> jax.Array:
@@ -85,6 +107,7 @@ class TokenTask(Task):
 
   def __init__(self, cfg: ml_collections.ConfigDict, codebooks: np.ndarray,
                num_positions: int, depth: int, num_classes: int):
+    check_generator_model(cfg)
     if not 0.0 <= cfg.loss.cond_dropout < 1.0:
       raise ValueError(f"generator.loss.cond_dropout must be in [0, 1), got "
                        f"{cfg.loss.cond_dropout}")

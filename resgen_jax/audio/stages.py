@@ -1,0 +1,17 @@
+"""The stages of a speech run (``data.name`` a speech source), in the names a config's
+``stages`` lists: ``pipeline.run`` dispatches here instead of to the image stages.
+
+Each takes ``(config, workdir, mesh)``; what they do is in ``audio/tts.py`` (codec, tokens,
+generator, synthesis) and ``audio/evaluation.py`` (the zero-shot tasks). A table of its own
+keeps ``tts`` and ``evaluation`` one-way: evaluation synthesises through tts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from resgen_jax.audio import evaluation, tts
+
+STAGES: Dict[str, Callable] = {
+    "tokenizer": tts.run_codec, "encode": tts.run_encode, "generator": tts.run_generator,
+    "synthesize": tts.run_synthesize, "evaluate": evaluation.run_evaluate}
