@@ -28,6 +28,7 @@ RESUMABLE_FIELDS = (
     "tokenizer.train.checkpoint_every",
     "tokenizer.train.keep_checkpoints",
     "tokenizer.train.async_checkpoints",
+    "tokenizer.train.profile_steps",
     "tokenizer.encode_chunk_batches",  # encoding resumes from any chunk size
     "generator.train.log_every",
     "generator.train.eval_every",
@@ -35,6 +36,7 @@ RESUMABLE_FIELDS = (
     "generator.train.checkpoint_every",
     "generator.train.keep_checkpoints",
     "generator.train.async_checkpoints",
+    "generator.train.profile_steps",
     "sampler",
     "synth",
     "evaluation",
@@ -67,6 +69,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       checkpoint_every=500,  # steps between checkpoints (also at the end and on SIGTERM)
       keep_checkpoints=2,  # how many checkpoints to keep
       async_checkpoints=True,  # save in the background while training continues
+      profile_steps=0,  # >0: a profiler trace of this many steps after the first (which
+                        # compiles), in <workdir>/<stage>/profile (train/profiling.py)
   ))
   cfg.update(overrides)
   return cfg

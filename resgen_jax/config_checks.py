@@ -36,6 +36,8 @@ def check_train(cfg: ml_collections.ConfigDict, name: str) -> None:
   if cfg.keep_checkpoints < 1:  # orbax would delete every checkpoint of the run
     raise ValueError(f"{field('keep_checkpoints')} must be >= 1 (0 would delete every "
                      f"checkpoint), got {cfg.keep_checkpoints}")
+  if cfg.profile_steps < 0:
+    raise ValueError(f"{field('profile_steps')} must be >= 0 (0: off), got {cfg.profile_steps}")
   if cfg.eval_every < 0 or cfg.eval_examples < 0:
     raise ValueError(f"{field('eval_every')} and {field('eval_examples')} must be >= 0, "
                      f"got {cfg.eval_every} and {cfg.eval_examples}")

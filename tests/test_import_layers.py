@@ -19,7 +19,7 @@ LAYERS = (
     ("codec.", "generator.", "baselines.", "audio.espeak", "audio.text", "audio.frontend",
      "audio.corpus", "audio.codec"),
     # 3: training
-    ("train.trainer", "train.optim", "train.writers", "train.distributed"),
+    ("train.trainer", "train.optim", "train.writers", "train.distributed", "train.profiling"),
     # 4: evaluation (and the fake ImageNet, which writes the inception's reference files)
     ("evaluation.", "audio.metrics", "data.fake_imagenet"),
     # 5: configs and their checks

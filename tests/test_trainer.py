@@ -1,5 +1,7 @@
 """The shared trainer on a toy task: resume, non-finite stop, preemption, metrics files."""
 
+import glob
+import gzip
 import json
 import os
 import signal
@@ -363,3 +365,30 @@ def test_gradient_accumulation_gives_the_full_batch_update(mesh):
   assert not np.allclose(full.params["w"], state.params["w"])
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     mesh_lib.check_batch_size(32, mesh, 3)
+
+
+def traced_steps(stage_dir):
+  """The step numbers of the ``train`` step annotations in the stage's one trace."""
+  traces = glob.glob(os.path.join(stage_dir, "profile", "plugins", "profile", "*",
+                                  "*.trace.json.gz"))
+  assert len(traces) == 1, traces
+  assert glob.glob(os.path.join(os.path.dirname(traces[0]), "*.xplane.pb"))
+  with gzip.open(traces[0]) as f:
+    events = json.load(f)["traceEvents"]
+  return sorted({int(e["args"]["step_num"]) for e in events if e.get("name") == "train"})
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+def test_profile_steps_traces_the_steps_after_the_first(tmp_path, mesh, preempt):
+  """profile_steps=3 traces steps 1..3 (0-based; step 0 compiles). A SIGTERM during step 2
+  ends the run there, and the trace is still written with the steps it saw."""
+  it = ToyIterator(on_batch=lambda n: preempt and n == 2 and os.kill(os.getpid(),
+                                                                     signal.SIGTERM))
+  result = run(tmp_path, mesh, cfg=train_cfg(profile_steps=3), it=it)
+  assert result.preempted == preempt
+  assert traced_steps(tmp_path / "linear") == ([1, 2] if preempt else [1, 2, 3])
+
+
+def test_negative_profile_steps_is_refused(tmp_path, mesh):
+  with pytest.raises(ValueError, match="profile_steps must be >= 0"):
+    run(tmp_path, mesh, cfg=train_cfg(profile_steps=-1))

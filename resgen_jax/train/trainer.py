@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from clu import parameter_overview, periodic_actions
 
 from resgen_jax.train import mesh as mesh_lib
-from resgen_jax.train import optim, preemption, writers
+from resgen_jax.train import optim, preemption, profiling, writers
 from resgen_jax.train.task import Task
 
 PyTree = Any
@@ -537,12 +537,16 @@ def _train_with_manager(task: Task, cfg: ml_collections.ConfigDict, workdir: str
                                              every_steps=cfg.log_every)
   history, preempted = [], False
   interval_start, interval_step = time.time(), start
-  with preemption.watch(), contextlib.closing(writer):  # closing flushes the event file
+  profiler = profiling.StepProfiler(profiling.profile_dir(stage_dir), start,
+                                    cfg.profile_steps)
+  # closing the writer flushes the event file; closing the profiler writes an open trace
+  with preemption.watch(), contextlib.closing(writer), contextlib.closing(profiler):
     for step in range(start, cfg.num_steps):
       check_saves(manager, step)  # a failed background save stops the run at once
       batch = mesh_lib.global_batch(next(train_iter), mesh)
-      with rules.activations(mesh):  # activation layout, applied when the step is traced
+      with profiler.step(step), rules.activations(mesh):  # activation layout: at tracing
         state, metrics = train_step(state, constants, batch, step_key)
+      profiler.finish(step, (state, metrics))
       history.append(metrics)
       done = step + 1
       progress(done)
