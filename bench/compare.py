@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.timing import median_seconds
-from resgen_jax import config_base, pipeline, sweep
-from resgen_jax.codec import token_cache
+from resgen_jax import config_base, stages, sweep
+from resgen_jax.codec import rvq, token_cache
 from resgen_jax.utils import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ FAMILIES = ("resgen", "direct", "rq_transformer")
 GRID_SIDE = 4  # the digits token grid (16x16 images, 4x downsampling)
 CODEBOOK_SIZE, LATENT_DIM = 64, 16  # configs/digits.py
 MAX_LAYERS = 48  # layer counts tried when matching parameter counts
-SHARED_STAGES_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
+SHARED_STAGES_DIRS = ("tokenizer", token_cache.TOKENS_DIR, stages.extractors.EVALUATION_DIR)
 
 
 def digits_config(num_layers: int = 0, width: int = 0):
@@ -75,8 +75,8 @@ def make_task(config, depth: int, side: int = GRID_SIDE, books=None):
   codebooks ``books`` ``[C, V, d]`` (default: random digits-sized books)."""
   if books is None:
     books = np.random.default_rng(depth).normal(size=(depth, CODEBOOK_SIZE, LATENT_DIM))
-  books = pipeline.generator_codebooks(np.asarray(books, np.float32), depth)
-  family = pipeline.FAMILIES[config.generator.family]
+  books = rvq.prefix_codebooks(np.asarray(books, np.float32), depth)
+  family = stages.generator.FAMILIES[config.generator.family]
   return family(config.generator, books, side * side, depth, config.data.num_classes)
 
 
@@ -167,8 +167,8 @@ def quality(config, family: str, depth: int, num_layers: int, workdir: str,
     for name in SHARED_STAGES_DIRS:
       if not os.path.exists(os.path.join(run_dir, name)):
         shutil.copytree(os.path.join(shared, name), os.path.join(run_dir, name))
-  pipeline.run(config, run_dir)
-  samples = pipeline.samples_path(config, run_dir)
+  stages.run(config, run_dir)
+  samples = stages.sample.samples_path(config, run_dir)
   with open(os.path.splitext(samples)[0] + "_eval.json") as f:
     report = json.load(f)["generated"]
   with np.load(samples) as data:

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bench import compare
-from resgen_jax import config_base, pipeline
+from resgen_jax import config_base, stages
 from resgen_jax.codec import token_cache
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.train import mesh as mesh_lib
@@ -64,7 +64,7 @@ OUT = os.path.join(REPO, "bench", "results", "study")
 MAX_DEPTH = 16  # the shared tokenizer's depth; runs take prefixes of its codes
 BASE_DIR, RUNS_DIR = "base", "runs"  # WORKDIR/<data>/base, WORKDIR/<data>/runs/<variant>/
 # Shared with every run of a data set (symlinked): the tokenizer, its codes, the classifier.
-SHARED_DIRS = ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR)
+SHARED_DIRS = ("tokenizer", token_cache.TOKENS_DIR, stages.extractors.EVALUATION_DIR)
 BOOTSTRAP_DRAWS = 50  # resamples of the sample set for the Frechet distance's noise
 PROXY_POINTS = 5  # train/fid_proxy evaluations over a run (the learning curve)
 PROXY_SAMPLES = 500
@@ -73,8 +73,8 @@ REQUANT_DRAWS, REQUANT_BATCH = 3, 1000  # masks per held-out example; examples p
 BASE_ARCHIVE = "base.tar.gz"  # <out>/<data>/: the packed base tokenizer (``pack``)
 # What a packed base holds (paths under the base) besides the last checkpoint: the config,
 # then what only a finished tokenizer has (packed when present).
-PACKED = (pipeline.CONFIG_FILE, os.path.join("tokenizer", pipeline.RESULTS_FILE),
-          os.path.join("tokenizer", pipeline.IMAGE_SPEC_FILE))
+PACKED = (stages.run_config.CONFIG_FILE, os.path.join("tokenizer", stages.tokenizer.RESULTS_FILE),
+          os.path.join("tokenizer", stages.tokenizer.IMAGE_SPEC_FILE))
 PLOT_SIZE, PLOT_MARGIN = (720, 480), 60
 COLOURS = {"resgen": "blue", "direct": "green", "rq_transformer": "red"}
 
@@ -168,7 +168,7 @@ def pack_base(workdir: str, archive: str) -> None:
   (optimizer and data position too), so an unfinished tokenizer resumes exactly."""
   base = os.path.join(workdir, BASE_DIR)
   step = trainer.latest_checkpoint_step(os.path.join(base, "tokenizer"))
-  if step is None or not os.path.exists(os.path.join(base, pipeline.CONFIG_FILE)):
+  if step is None or not os.path.exists(os.path.join(base, stages.run_config.CONFIG_FILE)):
     raise SystemExit(f"{base} holds no tokenizer checkpoint and config.json to pack")
   checkpoint = os.path.join("tokenizer", "checkpoints", str(step))
   present = [p for p in PACKED if os.path.exists(os.path.join(base, p))]
@@ -196,9 +196,9 @@ def prepare_base(config, workdir: str, archive: str = "") -> str:
   base = os.path.join(workdir, BASE_DIR)
   if archive:
     unpack_base(archive, base)
-  pipeline.run(config, base, stages=("tokenizer", "encode"))
+  stages.run(config, base, stages=("tokenizer", "encode"))
   if config.evaluation.extractor == "classifier":
-    pipeline.classifier_params(config, base)
+    stages.extractors.classifier_params(config, base)
   return base
 
 
@@ -254,7 +254,7 @@ def requantization_report(config, run: str, mesh, draws: int = REQUANT_DRAWS) ->
   held-out tokens (``GeneratorTask.requantization_matches``), under ``draws`` training
   masks per example: at the first hidden depth by hidden count k = 1..D, and over all
   hidden slots by depth."""
-  task, state = pipeline.load_generator(config, run, mesh)
+  task, state = stages.generator.load(config, run, mesh)
   codes, labels = token_cache.load_tokens(run, config.data.eval_split)
   codes = codes[..., :task.depth]
   fn = jax.jit(task.requantization_matches)
@@ -274,11 +274,11 @@ def requantization_report(config, run: str, mesh, draws: int = REQUANT_DRAWS) ->
 
 def score(config, run: str, mesh) -> dict:
   """Samples and evaluates the run with ``config.sampler``; adds the bootstrap."""
-  samples = pipeline.run_sample(config, run, mesh)
-  report = pipeline.run_evaluate(config, run, mesh)
-  extractor = pipeline.feature_extractor(config, run)
+  samples = stages.sample.run(config, run, mesh)
+  report = stages.evaluate.run(config, run, mesh)
+  extractor = stages.extractors.feature_extractor(config, run)
   reference = features_lib.Reference.from_features(
-      pipeline.heldout_features(config, extractor)[0])
+      stages.extractors.heldout_features(config, extractor)[0])
   with np.load(samples, allow_pickle=False) as data:
     features, _ = features_lib.extract(extractor, np.array_split(
         data["arr_0"], max(1, len(data["arr_0"]) // config.evaluation.batch_size)))
@@ -301,7 +301,7 @@ def run_study(args) -> None:
   out_dir = os.path.join(args.out, args.data, args.variant)
   samplers = [parse_sampler(s) for s in args.sampler] or [("default", {})]
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
-  with open(os.path.join(base, "tokenizer", pipeline.RESULTS_FILE)) as f:
+  with open(os.path.join(base, "tokenizer", stages.tokenizer.RESULTS_FILE)) as f:
     files.save_json(os.path.join(args.out, args.data, "tokenizer.json"), json.load(f))
   for depth in args.depths:
     target = compare.parameter_count(compare.make_task(
@@ -321,7 +321,7 @@ def run_study(args) -> None:
         run_config.sampler.samples_per_class = args.samples // config.data.num_classes
         run_config.sampler.batch_size = args.sampler_batch
         run = run_dir_for(workdir, args.variant, family, depth, seed)
-        pipeline.run(run_config, run, stages=("generator",))
+        stages.run(run_config, run, stages=("generator",))
         diagnostics = (requantization_report(run_config, run, mesh) if family == "resgen"
                        else {})
         for name, settings in pending:

@@ -14,7 +14,7 @@
 Loading needs only the workdir (``config.json``, the checkpoints, the token cache's
 codebooks, ``tokenizer/image_spec.json``): no data, no LPIPS file; optimizer and
 discriminator states are not read, and a run trained with FSDP on a pod loads on one CPU or
-GPU. Sampling goes through the pipeline's compiled sampler (the ``sample`` stage's code):
+GPU. Sampling goes through the stages' compiled sampler (the ``sample`` stage's code):
 with the config's ``sampler.batch_size`` and labels in the stage's order, ``sample``
 returns the stage's images.
 """
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resgen_jax import pipeline
+from resgen_jax import stages
 from resgen_jax.audio import api as speech_api
 from resgen_jax.audio import corpus
 from resgen_jax.codec import rvq
@@ -38,6 +38,7 @@ from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.runs import (  # part of the API; shared with audio/api.py
     check_trained, default_mesh, read_run_config, sampler_config)
 from resgen_jax.train import trainer
+from resgen_jax.utils import files
 from resgen_jax.utils import images as image_utils
 
 # Sampler fields ``sample`` and ``inpaint`` take as keyword arguments (None: the run's).
@@ -88,7 +89,7 @@ class ImageRun:
                        f"load it with api.load or audio.api.SpeechRun")
     self.mesh = default_mesh(self.config) if mesh is None else mesh
     check_trained(workdir, "tokenizer")
-    self.tok_task, self.tok_state = pipeline.load_tokenizer(self.config, workdir, self.mesh)
+    self.tok_task, self.tok_state = stages.tokenizer.load(self.config, workdir, self.mesh)
     self.tokenizer = self.tok_task.tok
     self.image_size = self.config.data.image_size
     self.image_channels = self.tokenizer.autoencoder.image_channels
@@ -96,12 +97,12 @@ class ImageRun:
     self._ae_params = self.tok_state.params["autoencoder"]
     self._codebooks = self.tok_state.model_state["codebook"].codebooks
     self._encode = jax.jit(self.tokenizer.encode)
-    self._decode = jax.jit(lambda p, b, codes: pipeline.decode_prefix(self.tok_task, p, b, codes))
+    self._decode = jax.jit(lambda p, b, codes: stages.sampling.decode_prefix(self.tok_task, p, b, codes))
     self._samplers: Dict[str, Callable] = {}
     self._infillers: Dict[str, Callable] = {}
     self.gen_task = self.gen_state = None
     if trainer.latest_checkpoint_step(os.path.join(workdir, "generator")) is not None:
-      self.gen_task, self.gen_state = pipeline.load_generator(self.config, workdir, self.mesh)
+      self.gen_task, self.gen_state = stages.generator.load(self.config, workdir, self.mesh)
 
   @property
   def grid_shape(self):
@@ -190,13 +191,13 @@ class ImageRun:
     config = self.sampler_config(len(labels), batch_size, seed, steps=steps,
                                  cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                  **sampler_settings)
-    key = pipeline.settings_hash(config.sampler)
+    key = files.settings_hash(config.sampler.to_dict())
     if key not in self._samplers:
-      self._samplers[key] = pipeline.compiled_image_sampler(
+      self._samplers[key] = stages.sampling.compiled_image_sampler(
           config, self.tok_task, self.tok_state, self.gen_task, self.gen_state, self.mesh)
     draw = self._samplers[key]
     parts = [draw(self.gen_state, chunk, index)
-             for index, chunk in pipeline.label_batches(labels, config.sampler.batch_size)]
+             for index, chunk in stages.sampling.label_batches(labels, config.sampler.batch_size)]
     images, codes, steps_drawn = (np.concatenate(p) for p in zip(*parts))
     return Samples(images=images, codes=codes, labels=labels, reveal_step=steps_drawn)
 
@@ -224,10 +225,10 @@ class ImageRun:
 
   def _infiller(self, config) -> Callable:
     """Jitted ``(images, hidden [N, L], labels, rng) -> (images float, codes, reveal_step)``."""
-    key = pipeline.settings_hash(config.sampler)
+    key = files.settings_hash(config.sampler.to_dict())
     if key not in self._infillers:
       task, depth = self.gen_task, self.gen_task.depth
-      books = pipeline.generator_codebooks(self._codebooks, depth)
+      books = rvq.prefix_codebooks(self._codebooks, depth)
 
       def infill(gen_params, gen_state, ae_params, codebooks, images, hidden, labels, rng):
         codes = self.tokenizer.encode(ae_params, codebooks, images)[..., :depth]
@@ -237,7 +238,7 @@ class ImageRun:
         out = task.infill(gen_params, gen_state, books, flat, known,
                           jnp.ones(flat.shape[:2], bool), labels, rng, config.sampler)
         new = out.codes.reshape(*grid, depth)
-        return (pipeline.decode_prefix(self.tok_task, ae_params, codebooks, new), new,
+        return (stages.sampling.decode_prefix(self.tok_task, ae_params, codebooks, new), new,
                 out.reveal_step.reshape(*grid, depth))
 
       self._infillers[key] = jax.jit(infill)

@@ -56,13 +56,13 @@ def main(argv):
   # dropout and samples on any mesh and any number of hosts (JAX's default since 0.5,
   # pinned here because resumption on another mesh relies on it).
   jax.config.update("jax_threefry_partitionable", True)
-  from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from resgen_jax import stages  # pylint: disable=g-import-not-at-top
   from resgen_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value,
                                              _PROCESS_ID.value, os.environ))
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  pipeline.run(_CONFIG.value, _WORKDIR.value, MODE_STAGES[_MODE.value])
+  stages.run(_CONFIG.value, _WORKDIR.value, MODE_STAGES[_MODE.value])
 
 
 if __name__ == "__main__":

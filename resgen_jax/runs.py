@@ -10,7 +10,7 @@ from typing import Optional
 
 import ml_collections
 
-from resgen_jax import config_base, pipeline
+from resgen_jax import config_base, stages
 from resgen_jax.generator import sampler as sampler_lib
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
@@ -19,9 +19,9 @@ from resgen_jax.train import trainer
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was run with (``DIR/config.json``); FileNotFoundError naming the
   workdir when it has none."""
-  path = os.path.join(workdir, pipeline.CONFIG_FILE)
+  path = os.path.join(workdir, stages.run_config.CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{workdir} is not a run's workdir: it has no {pipeline.CONFIG_FILE} "
+    raise FileNotFoundError(f"{workdir} is not a run's workdir: it has no {stages.run_config.CONFIG_FILE} "
                             f"(train it with python -m resgen_jax.main --workdir={workdir})")
   with open(path) as f:
     return config_base.config_from_json(json.load(f))

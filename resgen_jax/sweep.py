@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from resgen_jax import pipeline
+from resgen_jax import stages
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.utils import files
 
@@ -45,14 +45,14 @@ def run_sweep(config, workdir: str, steps: Sequence[int], cfg_scales: Sequence[f
   if not steps or not cfg_scales or not temperatures:
     raise ValueError("each of steps, cfg_scales and temperatures needs at least one value")
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape)
-  metric = PLOTTED[pipeline.evaluation_settings(config.evaluation)["extractor"]]
+  metric = PLOTTED[stages.extractors.evaluation_settings(config.evaluation)["extractor"]]
   rows = []
   for t, w, temperature in itertools.product(steps, cfg_scales, temperatures):
     run = config.copy_and_resolve_references()
     run.sampler.update(steps=int(t), cfg_scale=float(w), temperature=float(temperature),
                        tag="")
-    samples = pipeline.run_sample(run, workdir, mesh)
-    report = pipeline.run_evaluate(run, workdir, mesh)
+    samples = stages.sample.run(run, workdir, mesh)
+    report = stages.evaluate.run(run, workdir, mesh)
     with np.load(samples, allow_pickle=False) as data:  # sets drawn before timing: NaN
       seconds = (float(data["seconds_per_image"]) if "seconds_per_image" in data.files
                  else float("nan"))

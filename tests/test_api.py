@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import trained_config
-from resgen_jax import api, config_base, pipeline
+from resgen_jax import api, config_base, stages
 from resgen_jax import data as data_lib
 from resgen_jax.audio import api as speech_api
 from resgen_jax.codec import losses, rvq
@@ -57,7 +57,7 @@ def test_the_saved_config_reads_back_as_it_was_written(workdir):
 def test_sample_reproduces_the_sample_stage(run, workdir):
   """Same settings, same labels in the stage's order: the stage's images, bit for bit."""
   config = trained_config()
-  with np.load(pipeline.samples_path(config, workdir)) as data:
+  with np.load(stages.sample.samples_path(config, workdir)) as data:
     stage_images, stage_labels, stage_codes = data["arr_0"], data["labels"], data["codes"]
   out = run.sample(labels=stage_labels, batch_size=config.sampler.batch_size)
   np.testing.assert_array_equal(out.images, stage_images)
@@ -153,7 +153,7 @@ def test_inpainting_is_refused_for_the_autoregressive_baseline(run, real, monkey
   images, labels = real
   config = run.config.copy_and_resolve_references()
   config.generator.family = "rq_transformer"
-  task = pipeline.FAMILIES["rq_transformer"](
+  task = stages.generator.FAMILIES["rq_transformer"](
       config.generator, np.asarray(run.gen_task.codebooks), run.gen_task.num_positions,
       run.gen_task.depth, run.num_classes)
   monkeypatch.setattr(run, "config", config)
@@ -169,7 +169,7 @@ def test_workdirs_that_cannot_load(workdir, tmp_path):
   partial = tmp_path / "tokenizer_only"
   shutil.copytree(os.path.join(workdir, "tokenizer"), partial / "tokenizer")
   shutil.copytree(os.path.join(workdir, "tokens"), partial / "tokens")
-  shutil.copy(os.path.join(workdir, pipeline.CONFIG_FILE), partial)
+  shutil.copy(os.path.join(workdir, stages.run_config.CONFIG_FILE), partial)
   tok_only = api.load(str(partial))
   assert tok_only.gen_task is None
   with pytest.raises(FileNotFoundError, match="no trained generator"):
@@ -186,14 +186,14 @@ def test_workdirs_that_cannot_load(workdir, tmp_path):
 
 def test_image_spec_is_written_and_falls_back_to_the_data(workdir, caplog):
   config = trained_config()
-  spec = pipeline.read_image_spec(config, workdir)
+  spec = stages.tokenizer.read_image_spec(config, workdir)
   assert spec == {"image_size": 16, "image_channels": 1}
-  os.remove(os.path.join(workdir, "tokenizer", pipeline.IMAGE_SPEC_FILE))
+  os.remove(os.path.join(workdir, "tokenizer", stages.tokenizer.IMAGE_SPEC_FILE))
   try:
-    assert pipeline.read_image_spec(config, workdir) == spec  # from the data, with a warning
-    assert pipeline.IMAGE_SPEC_FILE in caplog.text
+    assert stages.tokenizer.read_image_spec(config, workdir) == spec  # from the data, with a warning
+    assert stages.tokenizer.IMAGE_SPEC_FILE in caplog.text
   finally:
-    pipeline.write_image_spec(workdir, spec["image_size"], spec["image_channels"])
+    stages.tokenizer.write_image_spec(workdir, spec["image_size"], spec["image_channels"])
   mesh = mesh_lib.make_mesh(("data",), (-1,))
-  task, _ = pipeline.load_tokenizer(config, workdir, mesh)
+  task, _ = stages.tokenizer.load(config, workdir, mesh)
   assert isinstance(task, TokenizerTask)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from resgen_jax import pipeline
+from resgen_jax import stages
 from resgen_jax.evaluation import features as features_lib
 from resgen_jax.evaluation import fid, inception
 from resgen_jax.train import mesh as mesh_lib
@@ -59,10 +59,10 @@ def workdir(tmp_path_factory):
 
 def evaluate(config, root, images, name):
   config.sampler.tag = name
-  path = pipeline.samples_path(config, str(root))
+  path = stages.sample.samples_path(config, str(root))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   np.savez(path, arr_0=images, labels=np.zeros(len(images), np.int32))
-  return pipeline.run_evaluate(config, str(root), mesh_lib.make_mesh(("data",), (-1,)))
+  return stages.evaluate.run(config, str(root), mesh_lib.make_mesh(("data",), (-1,)))
 
 
 def test_evaluate_with_inception_scores_against_the_held_out_split(workdir):
@@ -79,7 +79,7 @@ def test_evaluate_with_inception_scores_against_the_held_out_split(workdir):
   assert scores["precision"] == scores["recall"] == 1.0
   assert scores["inception_score"] == pytest.approx(
       same["real_heldout"]["inception_score"], rel=1e-6)
-  with open(os.path.splitext(pipeline.samples_path(config, str(root)))[0] + "_eval.json") as f:
+  with open(os.path.splitext(stages.sample.samples_path(config, str(root)))[0] + "_eval.json") as f:
     assert json.load(f)["generated"] == noisy
 
 

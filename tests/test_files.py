@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from resgen_jax import config_base, pipeline
+from resgen_jax import config_base, stages
 from resgen_jax.utils import files
 
 
@@ -26,14 +26,14 @@ def test_atomic_writes_get_the_mode_the_umask_allows(tmp_path, umask, mode):
 
 def test_an_unchanged_run_config_is_not_rewritten(tmp_path):
   config = config_base.base_config()
-  pipeline.write_run_config(config, str(tmp_path))
-  path = tmp_path / pipeline.CONFIG_FILE
+  stages.run_config.write_run_config(config, str(tmp_path))
+  path = tmp_path / stages.run_config.CONFIG_FILE
   before = os.stat(path)
-  pipeline.write_run_config(config, str(tmp_path))
+  stages.run_config.write_run_config(config, str(tmp_path))
   after = os.stat(path)
   assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
   config.sampler.steps = 16  # a resumable change is recorded
-  pipeline.write_run_config(config, str(tmp_path))
+  stages.run_config.write_run_config(config, str(tmp_path))
   assert os.stat(path).st_ino != before.st_ino
 
 
@@ -55,15 +55,15 @@ def test_fields_of_a_stage_without_checkpoints_may_change(tmp_path):
   the tokenizer's fields stay fixed, and once the generator has one its fields are too."""
   config = config_base.base_config()
   config.generator.model.width = 999
-  pipeline.write_run_config(config, str(tmp_path))
+  stages.run_config.write_run_config(config, str(tmp_path))
   os.makedirs(tmp_path / "tokenizer" / "checkpoints" / "5")
   config.generator.model.width = 128
-  pipeline.write_run_config(config, str(tmp_path))
+  stages.run_config.write_run_config(config, str(tmp_path))
   changed = config.copy_and_resolve_references()
   changed.tokenizer.model.latent_dim = 8
   with pytest.raises(ValueError, match="fields: tokenizer.model.latent_dim"):
-    pipeline.write_run_config(changed, str(tmp_path))
+    stages.run_config.write_run_config(changed, str(tmp_path))
   os.makedirs(tmp_path / "generator" / "checkpoints" / "7")
   config.generator.model.width = 64
   with pytest.raises(ValueError, match="fields: generator.model.width"):
-    pipeline.write_run_config(config, str(tmp_path))
+    stages.run_config.write_run_config(config, str(tmp_path))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import CHILD_JAX_ENV, execute_notebook, images_shown, set_fields
-from resgen_jax import config_base, pipeline
+from resgen_jax import config_base, stages
 from resgen_jax import data as data_lib
 from resgen_jax.codec import losses, token_cache
 from resgen_jax.data import fake_imagenet
@@ -166,7 +166,7 @@ def local_run(fake, tmp_path_factory):
 
 def test_runlocal_runs_every_stage_from_the_command_line(fake, local_run):
   workdir = local_run
-  with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, "tokenizer", stages.tokenizer.RESULTS_FILE)) as f:
     report = json.load(f)
   assert len(report["psnr_by_depth"]) == 16 and len(report["usage_by_depth"]) == 16
   meta, books = token_cache.load_meta(workdir)
@@ -176,7 +176,7 @@ def test_runlocal_runs_every_stage_from_the_command_line(fake, local_run):
   assert gan and gan[0] == 0 and gan[-1] != 0  # the discriminator switches on inside the run
   proxy = [r["train/fid_proxy"] for r in rows if "train/fid_proxy" in r]
   assert len(proxy) == 1 and np.isfinite(proxy[0])  # Inception, on 8 held-out images
-  samples = pipeline.samples_path(
+  samples = stages.sample.samples_path(
       set_fields(config_base.load_config_file(CONFIG + ":runlocal"), cli_overrides(fake)),
       workdir)
   with np.load(samples) as data:
@@ -209,8 +209,8 @@ def test_the_paper_config_refuses_to_start_without_its_inception_weights(tmp_pat
   config = config_base.load_config_file(CONFIG)
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match="needs evaluation.inception_weights"):
-    pipeline.run(config, workdir)
+    stages.run(config, workdir)
   config.evaluation.inception_weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="evaluation.inception_weights: no file at"):
-    pipeline.run(config, workdir)
+    stages.run(config, workdir)
   assert not os.path.exists(workdir)

@@ -27,7 +27,7 @@ def test_committed_notebooks_have_no_outputs_and_open_in_colab():
 
 def test_quickstart_runs_on_a_trained_workdir(trained_run, tmp_path):
   """Every cell after training, on the shared tiny run (training itself is the pipeline's
-  code, tested in test_pipeline.py)."""
+  code, tested in test_stages.py)."""
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_run, workdir)
   notebook = execute_notebook("quickstart.ipynb", dict(

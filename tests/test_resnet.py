@@ -92,15 +92,15 @@ def test_bad_weight_files_are_named(tmp_path):
 def test_the_evaluation_scores_samples_in_the_resnets_features(tmp_path):
   """evaluation.extractor="resnet": class agreement is the share of samples the ResNet puts
   in their class; the Frechet distance is the one between its features."""
-  from resgen_jax import config_base, pipeline
+  from resgen_jax import config_base, stages
   from resgen_jax.evaluation import classifier, frechet
   np.savez(tmp_path / "r.npz", **state_dict())
   config = config_base.base_config()
   config.evaluation.extractor = "resnet"
   with pytest.raises(ValueError, match="needs evaluation.resnet_weights"):
-    pipeline.feature_extractor(config, str(tmp_path))
+    stages.extractors.feature_extractor(config, str(tmp_path))
   config.evaluation.resnet_weights = str(tmp_path / "r.npz")
-  extractor = pipeline.feature_extractor(config, str(tmp_path))
+  extractor = stages.extractors.feature_extractor(config, str(tmp_path))
   rng = np.random.default_rng(2)
   real = rng.integers(0, 256, (40, 8, 8, 3)).astype(np.uint8)
   fake = rng.integers(0, 128, (30, 8, 8, 3)).astype(np.uint8)

@@ -9,7 +9,7 @@ import pytest
 
 from bench import study
 from conftest import TRAINED_STEPS, trained_config
-from resgen_jax import config_base, pipeline
+from resgen_jax import config_base, stages
 from resgen_jax.train import mesh as mesh_lib
 from resgen_jax.train import trainer
 from resgen_jax.evaluation import features as features_lib
@@ -95,7 +95,7 @@ def test_a_packed_base_unpacks_to_the_same_finished_tokenizer(trained_run, tmp_p
       assert f.read() == g.read(), name
   mesh = mesh_lib.make_mesh(("data",), (-1,))
   config = trained_config()
-  (_, ours), (_, theirs) = (pipeline.load_tokenizer(config, d, mesh) for d in (base, trained_run))
+  (_, ours), (_, theirs) = (stages.tokenizer.load(config, d, mesh) for d in (base, trained_run))
   for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(SystemExit, match="no tokenizer checkpoint"):

@@ -1,6 +1,6 @@
 """The speech side of the Python API: a trained text-to-speech run speaking in a prompt's voice.
 
-    from resgen_jax import pipeline, runs
+    from resgen_jax import api
 
     run = api.load("/tmp/tts")                     # a SpeechRun
     speech = run.synthesize("six seven eight", prompt_wav="prompt.wav",
@@ -20,8 +20,9 @@ from typing import Dict, Optional, Tuple, Union
 import ml_collections
 import numpy as np
 
-from resgen_jax import pipeline, runs
+from resgen_jax import runs
 from resgen_jax.audio import corpus, frontend, tts
+from resgen_jax.utils import files
 
 # A prompt: a WAV file's path or ``(wave float [T], sample rate in Hz)``.
 Prompt = Union[str, Tuple[np.ndarray, int]]
@@ -90,7 +91,7 @@ class SpeechRun:
       raise ValueError(f"prompt_wav: {e}") from e
 
   def _synthesizer(self, config) -> tts.Synthesizer:
-    key = pipeline.settings_hash(config.sampler)
+    key = files.settings_hash(config.sampler.to_dict())
     if key not in self._synthesizers:
       self._synthesizers[key] = tts.Synthesizer(
           config, self.codec, self.codec_state, self.task, self.state, self.tokenizer,

@@ -35,7 +35,6 @@ real-time factor of synthesis.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -53,7 +52,6 @@ from resgen_jax.utils import files
 EVAL_DIR = "tts_eval"
 CLASSIFIER_DIR = "evaluation"
 TASKS = ("continuation", "cross_sentence")
-TAG_HASH_CHARS = 8
 
 
 def eval_tag(config) -> str:
@@ -63,9 +61,9 @@ def eval_tag(config) -> str:
   settings = {"sampler": config.sampler.to_dict(),
               "evaluation": {k: ecfg[k] for k in ("tts_prompt_seconds", "tts_max_utterances",
                                                   "tts_classifier_steps")}}
-  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   scfg = config.sampler
-  return f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_{digest[:TAG_HASH_CHARS]}"
+  return (f"T{scfg.steps}_cfg{scfg.cfg_scale:g}_temp{scfg.temperature:g}_"
+          f"{files.settings_hash(settings)}")
 
 
 def split_roles(utterances: List[corpus.Utterance]):

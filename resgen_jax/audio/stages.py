@@ -1,5 +1,5 @@
 """The stages of a speech run (``data.name`` a speech source), in the names a config's
-``stages`` lists: ``pipeline.run`` dispatches here instead of to the image stages.
+``stages`` lists: ``stages.run`` dispatches here instead of to the image stages.
 
 Each takes ``(config, workdir, mesh)``; what they do is in ``audio/tts.py`` (codec, tokens,
 generator, synthesis) and ``audio/evaluation.py`` (the zero-shot tasks). A table of its own

@@ -27,7 +27,6 @@ default, :class:`frontend.Vocoder`), and keeps the generated part.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -56,7 +55,6 @@ RESULTS_FILE = "results.json"
 ENCODE_BATCH = 32  # utterances per codec call when encoding a corpus
 SPEECH_CLASSES = 1  # the generator's class input is constant for speech (plus the null class)
 MANIFEST_COLUMNS = ("prompt_wav", "prompt_text", "text")  # synth.manifest (+ optional name)
-SETTINGS_HASH_CHARS = 8  # default output names: enough to tell settings apart
 
 
 def is_speech(config: ml_collections.ConfigDict) -> bool:
@@ -587,9 +585,7 @@ def synth_requests(config, workdir: str, codec, codec_state, tokenizer,
     raise ValueError(f"--mode=synthesize needs {', '.join(missing)} (or synth.manifest)")
   codes = read_prompt(scfg.prompt_wav, codec, codec_state, audio)
   request = make_request("synth", codes, scfg.prompt_text, scfg.text, **limits)
-  settings = json.dumps({"synth": scfg.to_dict(), "sampler": config.sampler.to_dict()},
-                        sort_keys=True)
-  name = hashlib.sha256(settings.encode()).hexdigest()[:SETTINGS_HASH_CHARS]
+  name = files.settings_hash({"synth": scfg.to_dict(), "sampler": config.sampler.to_dict()})
   return [(request, scfg.output or os.path.join(workdir, SYNTH_DIR, name + ".wav"))]
 
 

@@ -51,6 +51,13 @@ def books_for_depth(codebooks: Array, depth: int) -> Array:
       f"codebooks have {num_books} books; expected 1 (shared) or depth={depth} (per depth)")
 
 
+def prefix_codebooks(codebooks, depth: int):
+  """The books of the first ``depth`` depths: per-depth books ``[D, V, d]`` are cut to
+  ``[depth, V, d]``; a shared book ``[1, V, d]`` serves every depth as it is (what a
+  generator of a depth prefix of the codes, ``generator.token_depth``, works with)."""
+  return codebooks if codebooks.shape[0] == 1 else codebooks[:depth]
+
+
 def squared_distances(x: Array, codebook: Array) -> Array:
   """``||x - e_v||^2`` for every code. x: ``[..., d]``, codebook ``[V, d]`` -> ``[..., V]``."""
   x = x.astype(jnp.float32)

@@ -53,7 +53,7 @@ ZIP_LOCAL_SIGNATURE, ZIP_LOCAL_HEADER_BYTES = b"PK\x03\x04", 30
 
 def _without_count(meta: dict) -> dict:
   """What must match for codes to be reused: not the process count (files of another count
-  are ignored) nor the data's fingerprints (checked apart, pipeline.check_token_data, so
+  are ignored) nor the data's fingerprints (checked apart, stages.encode.check_token_data, so
   caches from before fingerprints still load)."""
   return {k: v for k, v in meta.items() if k not in ("process_count", "data")}
 

@@ -1,8 +1,10 @@
-"""Atomic file writes: a result is either complete on disk or absent, never half-written."""
+"""Atomic file writes: a result is either complete on disk or absent, never half-written;
+and the short settings hashes that name outputs."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +12,16 @@ import tempfile
 import zipfile
 
 import numpy as np
+
+SETTINGS_HASH_CHARS = 8  # enough to tell settings apart in a file name, short enough to read
+
+
+def settings_hash(values) -> str:
+  """A short stable hash of JSON-able ``values`` (a config section's ``to_dict()``, or a
+  dict of several): the same in every process and session, so an output named by it is
+  found again by a rerun with the same settings and never reused by other settings."""
+  digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+  return digest[:SETTINGS_HASH_CHARS]
 
 
 def umask_mode() -> int:

@@ -17,7 +17,7 @@ import pytest
 from conftest import CHILD_JAX_ENV, TRAINED_STEPS, set_fields, tiny_config, trained_config
 from resgen_jax import config_base
 from resgen_jax import data as data_lib
-from resgen_jax import pipeline
+from resgen_jax import stages
 from resgen_jax.codec import token_cache
 from resgen_jax.codec.tokenizer import TokenizerTask, prefix_reconstructions
 from resgen_jax.evaluation import classifier, frechet
@@ -34,7 +34,7 @@ def trained(trained_run):
 
 
 def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
-  with open(os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE)) as f:
+  with open(os.path.join(trained, "tokenizer", stages.tokenizer.RESULTS_FILE)) as f:
     report = json.load(f)
   psnr = report["psnr_by_depth"]
   assert report["step"] == TRAINED_STEPS and len(psnr) == 3
@@ -50,13 +50,13 @@ def test_psnr_rises_with_depth_on_the_trained_tokenizer(trained):
     freq = np.bincount(codes[..., j].ravel(), minlength=16) / codes[..., j].size
     entropy = -sum(p * np.log(p) for p in freq if p > 0)
     assert report["perplexity_by_depth"][j] == pytest.approx(np.exp(entropy), rel=1e-9)
-  assert os.path.exists(os.path.join(trained, "tokenizer", pipeline.RECON_FILE))
+  assert os.path.exists(os.path.join(trained, "tokenizer", stages.tokenizer.RECON_FILE))
   rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r and r["stage"] == "tokenizer"] == [
       50, 100, 150]
   assert [r["step"] for r in rows if "train/loss" in r and r["stage"] == "generator"] == [
       10, 20]
-  with open(os.path.join(trained, pipeline.CONFIG_FILE)) as f:
+  with open(os.path.join(trained, stages.run_config.CONFIG_FILE)) as f:
     assert json.load(f)["tokenizer"]["train"]["num_steps"] == TRAINED_STEPS
 
 
@@ -64,7 +64,7 @@ def test_reconstruction_fid_per_depth_matches_a_direct_computation(trained):
   """The report's rFID (batches of 128 with a padded last one, features per batch) against
   all 297 held-out images reconstructed and featurised at once."""
   config = trained_config()
-  with open(os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE)) as f:
+  with open(os.path.join(trained, "tokenizer", stages.tokenizer.RESULTS_FILE)) as f:
     rfid = json.load(f)["rfid_by_depth"]
   images, labels = data_lib.load_all(config.data, "test")
   task = TokenizerTask(config.tokenizer, 1)
@@ -75,7 +75,7 @@ def test_reconstruction_fid_per_depth_matches_a_direct_computation(trained):
   recons = np.asarray(prefix_reconstructions(task.tok, state.params["autoencoder"],
                                              state.model_state["codebook"].codebooks,
                                              jnp.asarray(images)))
-  params = pipeline.classifier_params(config, trained)
+  params = stages.extractors.classifier_params(config, trained)
   features = lambda x: classifier.predict(params, 10, x, batch_size=len(x))[1]
   real = frechet.gaussian_stats(features(images))
   expected = [frechet.frechet_distance(*frechet.gaussian_stats(
@@ -89,7 +89,7 @@ def test_fid_proxy_is_logged_and_ends_at_the_sample_sets_distance(trained):
   rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
   proxy = {r["step"]: r["train/fid_proxy"] for r in rows if "train/fid_proxy" in r}
   assert sorted(proxy) == [10, 20] and all(v > 0 for v in proxy.values())
-  samples = pipeline.samples_path(config, trained)
+  samples = stages.sample.samples_path(config, trained)
   with open(os.path.splitext(samples)[0] + "_eval.json") as f:
     sampled = json.load(f)["generated"]["frechet_distance"]
   assert proxy[20] == pytest.approx(sampled, rel=1e-5)
@@ -104,10 +104,10 @@ def test_baselines_share_the_stages_on_the_same_tokens(trained, tmp_path, family
   config.generator.train.update(num_steps=4, log_every=2)
   config.evaluation.proxy_every = 2
   run_dir = str(tmp_path / family)
-  for name in ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR):
+  for name in ("tokenizer", token_cache.TOKENS_DIR, stages.extractors.EVALUATION_DIR):
     shutil.copytree(os.path.join(trained, name), os.path.join(run_dir, name))
-  pipeline.run(config, run_dir, stages=("generator", "sample", "evaluate"))
-  samples = pipeline.samples_path(config, run_dir)
+  stages.run(config, run_dir, stages=("generator", "sample", "evaluate"))
+  samples = stages.sample.samples_path(config, run_dir)
   with np.load(samples) as data:
     assert data["arr_0"].shape == (20, 16, 16, 1) and data["codes"].shape == (20, 4, 4, 3)
     assert data["codes"].min() >= 0 and data["codes"].max() < 16
@@ -116,7 +116,7 @@ def test_baselines_share_the_stages_on_the_same_tokens(trained, tmp_path, family
   rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/fid_proxy" in r] == [2, 4]
   with pytest.raises(ValueError, match="generator.family"):
-    pipeline.run(trained_config(), run_dir, stages=("sample",))
+    stages.run(trained_config(), run_dir, stages=("sample",))
 
 
 def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
@@ -128,16 +128,16 @@ def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
   config.generator.train.update(num_steps=4, log_every=2)
   config.evaluation.proxy_every = 0
   run_dir = str(tmp_path / "prefix")
-  for name in ("tokenizer", token_cache.TOKENS_DIR, pipeline.EVALUATION_DIR):
+  for name in ("tokenizer", token_cache.TOKENS_DIR, stages.extractors.EVALUATION_DIR):
     shutil.copytree(os.path.join(trained, name), os.path.join(run_dir, name))
-  pipeline.run(config, run_dir, stages=("generator", "sample"))
-  gen_task, _ = pipeline.load_generator(config, run_dir, mesh_lib.make_mesh(("data",), (-1,)))
+  stages.run(config, run_dir, stages=("generator", "sample"))
+  gen_task, _ = stages.generator.load(config, run_dir, mesh_lib.make_mesh(("data",), (-1,)))
   assert gen_task.depth == 2 and gen_task.codebooks.shape[0] == 2
-  with np.load(pipeline.samples_path(config, run_dir)) as data:
+  with np.load(stages.sample.samples_path(config, run_dir)) as data:
     images, codes = data["arr_0"], data["codes"]
   assert codes.shape == (20, 4, 4, 2)
   mesh = mesh_lib.make_mesh(("data",), (-1,))
-  tok_task, tok_state = pipeline.load_tokenizer(config, run_dir, mesh)
+  tok_task, tok_state = stages.tokenizer.load(config, run_dir, mesh)
   books = tok_state.model_state["codebook"].codebooks
   padded = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), codes.dtype)], -1)
   decoded = image_utils.to_uint8(tok_task.tok.decode(
@@ -145,7 +145,7 @@ def test_a_generator_of_a_depth_prefix_of_the_cached_codes(trained, tmp_path):
   assert np.abs(decoded.astype(int) - images.astype(int)).max() <= 1
   config.generator.token_depth = 4
   with pytest.raises(ValueError, match=r"generator.token_depth must be in \[0, 3\]"):
-    pipeline.make_generator_task(config, run_dir)
+    stages.generator.make_task(config, run_dir)
 
 
 def test_a_token_cache_of_other_data_is_refused(tmp_path, caplog):
@@ -163,15 +163,15 @@ def test_a_token_cache_of_other_data_is_refused(tmp_path, caplog):
   fingerprints = {s: data_lib.fingerprint(config.data, s) for s in ("train", "test")}
   token_cache.write_meta(workdir, {"grid": [4, 4], "depth": 3, "data": fingerprints},
                          np.zeros((3, 16, 4), np.float32))
-  pipeline.check_token_data(config, workdir)
+  stages.encode.check_token_data(config, workdir)
   config.data.path = paths["copy"]  # the same data elsewhere
-  pipeline.check_token_data(config, workdir)
+  stages.encode.check_token_data(config, workdir)
   config.data.eval_path = paths["other"]
   with pytest.raises(ValueError, match=r"encoded from other data .* \(splits \['test'\]"):
-    pipeline.check_token_data(config, workdir)
+    stages.encode.check_token_data(config, workdir)
   token_cache.write_meta(workdir, {"grid": [4, 4], "depth": 3},
                          np.zeros((3, 16, 4), np.float32))
-  pipeline.check_token_data(config, workdir)
+  stages.encode.check_token_data(config, workdir)
   assert "does not record which data" in caplog.text
 
 
@@ -186,7 +186,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(trained, tmp_pat
   mesh = mesh_lib.make_mesh(("data",), (-1,))
   checkpoints = os.path.join(run_dir, "tokenizer", trainer.CHECKPOINT_DIR)
   assert sorted(os.listdir(checkpoints)) == ["100", str(TRAINED_STEPS)]
-  _, good = pipeline.load_tokenizer(config, run_dir, mesh)
+  _, good = stages.tokenizer.load(config, run_dir, mesh)
   # A NaN copy of the good state saved as a newer step, and the next one's chunk truncated.
   keep_all = config.tokenizer.train.copy_and_resolve_references()
   keep_all.keep_checkpoints = 3
@@ -203,7 +203,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(trained, tmp_pat
     with open(chunk, "r+b") as f:
       f.truncate(os.path.getsize(chunk) // 2)
   with caplog.at_level(logging.WARNING):
-    _, state = pipeline.load_tokenizer(config, run_dir, mesh)
+    _, state = stages.tokenizer.load(config, run_dir, mesh)
   assert int(state.step) == 100
   assert f"/{TRAINED_STEPS + 10} holds non-finite values" in caplog.text
   assert f"/{TRAINED_STEPS} cannot be read" in caplog.text
@@ -217,7 +217,7 @@ def test_unknown_family_is_a_clear_error(trained):
   config = trained_config()
   config.generator.family = "maskgit"
   with pytest.raises(ValueError, match="generator.family must be one of"):
-    pipeline.make_generator_task(config, trained)
+    stages.generator.make_task(config, trained)
 
 
 def test_cached_codes_are_the_tokenizers_codes(trained):
@@ -269,15 +269,15 @@ def test_a_preempted_encoding_resumes_after_its_last_chunk(trained, tmp_path, mo
   monkeypatch.setattr(data_lib, "sequential_batches", batches)
   signal_at.append((1500, 7))
   with pytest.raises(SystemExit) as exit_info:
-    pipeline.run(config, runs["cut"], stages=("encode",))
+    stages.run(config, runs["cut"], stages=("encode",))
   assert exit_info.value.code == preemption.EXIT_CODE
   tokens = lambda run: sorted(os.listdir(os.path.join(run, token_cache.TOKENS_DIR)))
   assert tokens(runs["cut"]) == ["encoding.json", "train.00000-of-00001.00000.npz"]
   signal_at.clear()
   reads.clear()
-  pipeline.run(config, runs["cut"], stages=("encode",))
+  stages.run(config, runs["cut"], stages=("encode",))
   assert reads[-2:] == [(1500, 5), (297, 0)]  # train resumed at batch 5, test from its start
-  pipeline.run(config, runs["whole"], stages=("encode",))
+  stages.run(config, runs["whole"], stages=("encode",))
   names = tokens(runs["whole"])
   assert tokens(runs["cut"]) == names  # meta.json written, encoding.json gone
   assert names == ["codebooks.npz", "meta.json", "test.00000-of-00001.00000.npz"] + [
@@ -296,14 +296,14 @@ def test_a_preempted_encoding_resumes_after_its_last_chunk(trained, tmp_path, mo
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(trained):
-  samples = pipeline.samples_path(trained_config(), trained)
-  outputs = [os.path.join(trained, "tokenizer", pipeline.RESULTS_FILE),
-             os.path.join(trained, "tokenizer", pipeline.RECON_FILE),
+  samples = stages.sample.samples_path(trained_config(), trained)
+  outputs = [os.path.join(trained, "tokenizer", stages.tokenizer.RESULTS_FILE),
+             os.path.join(trained, "tokenizer", stages.tokenizer.RECON_FILE),
              token_cache.chunk_path(trained, "train", 0, 1, 0), token_cache.meta_path(trained),
              samples, os.path.splitext(samples)[0] + "_eval.json"]
   before = {p: os.stat(p).st_mtime_ns for p in outputs}
   checkpoints = sorted(os.listdir(os.path.join(trained, "tokenizer", trainer.CHECKPOINT_DIR)))
-  pipeline.run(trained_config(), trained)
+  stages.run(trained_config(), trained)
   assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
   assert sorted(os.listdir(os.path.join(trained, "tokenizer",
                                         trainer.CHECKPOINT_DIR))) == checkpoints
@@ -311,7 +311,7 @@ def test_rerun_of_a_finished_run_rewrites_nothing(trained):
 
 def test_samples_are_written_in_the_evaluator_layout(trained):
   config = trained_config()
-  path = pipeline.samples_path(config, trained)
+  path = stages.sample.samples_path(config, trained)
   assert os.path.basename(path).startswith("T4_cfg1_temp1_topp1_conf1_seed0_")
   with np.load(path) as data:
     images, labels, codes = data["arr_0"], data["labels"], data["codes"]
@@ -333,7 +333,7 @@ def test_a_sample_set_names_and_records_the_models_it_came_from(trained, tmp_pat
   record both steps; a set named by sampler.tag is refused, never scored, once the
   generator has trained past it (here: a newer checkpoint injected by hand)."""
   config = trained_config()
-  path = pipeline.samples_path(config, trained)
+  path = stages.sample.samples_path(config, trained)
   assert path.endswith(f"_g{config.generator.train.num_steps}.npz")
   with np.load(path) as data:
     assert int(data["generator_step"]) == 20
@@ -343,13 +343,13 @@ def test_a_sample_set_names_and_records_the_models_it_came_from(trained, tmp_pat
   run_dir = str(tmp_path / "run")
   shutil.copytree(trained, run_dir, symlinks=True)
   config.sampler.tag = "fixed"
-  pipeline.run(config, run_dir, stages=("sample",))
+  stages.run(config, run_dir, stages=("sample",))
   checkpoints = os.path.join(run_dir, "generator", trainer.CHECKPOINT_DIR)
   shutil.copytree(os.path.join(checkpoints, "20"), os.path.join(checkpoints, "30"))
   for stage in ("sample", "evaluate"):
     with pytest.raises(ValueError, match=r"fixed.npz was drawn from generator step 20 "
                                          r"\(now 30\)"):
-      pipeline.run(config, run_dir, stages=(stage,))
+      stages.run(config, run_dir, stages=(stage,))
   assert os.path.exists(os.path.join(run_dir, "samples", "fixed.npz"))  # kept as it was
 
 
@@ -357,10 +357,10 @@ def test_another_sampler_setting_makes_another_sample_set(trained, monkeypatch):
   config = trained_config()
   config.sampler.cfg_scale = 2.0
   config.sampler.cfg_ramp = "linear"
-  path = pipeline.samples_path(config, trained)
+  path = stages.sample.samples_path(config, trained)
   # SIGTERM while the second of the two batches is drawn: the stage stops before sampling
   # it, exits 143 and leaves neither a sample set nor its scratch arrays.
-  original = pipeline.label_batches
+  original = stages.sampling.label_batches
 
   def batches(labels, batch_size):
     for index, chunk in original(labels, batch_size):
@@ -368,43 +368,43 @@ def test_another_sampler_setting_makes_another_sample_set(trained, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
       yield index, chunk
 
-  monkeypatch.setattr(pipeline, "label_batches", batches)
+  monkeypatch.setattr(stages.sampling, "label_batches", batches)
   with pytest.raises(SystemExit) as exit_info:
-    pipeline.run(config, trained, stages=("sample",))
+    stages.run(config, trained, stages=("sample",))
   assert exit_info.value.code == preemption.EXIT_CODE
   assert not os.path.exists(path)
   assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")]
   monkeypatch.undo()
-  pipeline.run(config, trained, stages=("sample",))
+  stages.run(config, trained, stages=("sample",))
   assert os.path.basename(path).startswith("T4_cfg2_temp1_topp1_conf1_seed0_")
   with np.load(path) as data:
     assert data["arr_0"].shape == (20, 16, 16, 1)
   # Any sampler setting, even one outside the readable part of the tag, makes a new set.
   other = trained_config()
   other.sampler.schedule = "linear"
-  assert pipeline.samples_path(other, trained) != pipeline.samples_path(trained_config(),
+  assert stages.sample.samples_path(other, trained) != stages.sample.samples_path(trained_config(),
                                                                         trained)
   # The sampler settings are not part of what was trained: the run config still matches.
-  pipeline.run(trained_config(), trained, stages=("sample",))
+  stages.run(trained_config(), trained, stages=("sample",))
 
 
 def test_evaluation_with_other_settings_does_not_reuse_the_report(trained):
   config = trained_config()
   config.evaluation.classifier_steps = 60
-  path = os.path.join(trained, pipeline.CONFIG_FILE)
+  path = os.path.join(trained, stages.run_config.CONFIG_FILE)
   with open(path) as f:
     before = f.read()
   with pytest.raises(ValueError, match="computed with evaluation settings"):
-    pipeline.run(config, trained, stages=("evaluate",))
+    stages.run(config, trained, stages=("evaluate",))
   with open(path) as f:  # the refused run did not record its settings as the run's
     assert f.read() == before
 
 
 def test_sampling_needs_trained_models(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint of the .tokenizer. stage"):
-    pipeline.run(tiny_config(), str(tmp_path), stages=("sample",))
+    stages.run(tiny_config(), str(tmp_path), stages=("sample",))
   with pytest.raises(FileNotFoundError, match="run the 'sample' stage first"):
-    pipeline.run(tiny_config(), str(tmp_path), stages=("evaluate",))
+    stages.run(tiny_config(), str(tmp_path), stages=("evaluate",))
 
 
 def test_workdir_of_another_config_is_refused(trained):
@@ -412,7 +412,7 @@ def test_workdir_of_another_config_is_refused(trained):
   config.tokenizer.quantizer.depth = 4
   config.tokenizer.model.latent_dim = 8
   with pytest.raises(ValueError, match="tokenizer.model.latent_dim, tokenizer.quantizer.depth"):
-    pipeline.run(config, trained)
+    stages.run(config, trained)
 
 
 def test_a_refused_run_without_config_json_writes_none(trained, tmp_path):
@@ -423,10 +423,10 @@ def test_a_refused_run_without_config_json_writes_none(trained, tmp_path):
   other = trained_config()
   other.tokenizer.model.latent_dim = 8
   with pytest.raises(trainer.CheckpointMismatchError, match="does not match the model"):
-    pipeline.run(other, run_dir, stages=("tokenizer",))
-  assert not os.path.exists(os.path.join(run_dir, pipeline.CONFIG_FILE))
-  pipeline.run(trained_config(), run_dir, stages=("tokenizer",))
-  with open(os.path.join(run_dir, pipeline.CONFIG_FILE)) as f:
+    stages.run(other, run_dir, stages=("tokenizer",))
+  assert not os.path.exists(os.path.join(run_dir, stages.run_config.CONFIG_FILE))
+  stages.run(trained_config(), run_dir, stages=("tokenizer",))
+  with open(os.path.join(run_dir, stages.run_config.CONFIG_FILE)) as f:
     assert json.load(f)["tokenizer"]["model"]["latent_dim"] == \
         trained_config().tokenizer.model.latent_dim
 
@@ -460,7 +460,7 @@ def test_bad_config_values_are_clear_errors(tmp_path, field, value, message):
   config.evaluation.proxy_every = 2
   set_field(config, field, value)
   with pytest.raises(ValueError, match=message):
-    pipeline.run(config, str(tmp_path))
+    stages.run(config, str(tmp_path))
   # A refused start leaves no checkpoint behind.
   assert not os.path.exists(os.path.join(tmp_path, "tokenizer", trainer.CHECKPOINT_DIR, "0"))
 
@@ -479,7 +479,7 @@ def test_the_proxy_reference_is_a_held_out_subset_or_the_reference_stats(tmp_pat
   real, _ = data_lib.load_all(config.data, config.data.eval_split)
   for count, expected in ((0, real), (37, real[:37])):
     config.evaluation.proxy_reference_examples = count
-    got = pipeline.proxy_reference(config, extractor)
+    got = stages.extractors.proxy_reference(config, extractor)
     want = features_lib.Reference.from_features(extractor(expected)[0])
     np.testing.assert_allclose(got.mu, want.mu)
     np.testing.assert_allclose(got.sigma, want.sigma)
@@ -488,7 +488,7 @@ def test_the_proxy_reference_is_a_held_out_subset_or_the_reference_stats(tmp_pat
   np.savez(stats, mu=rng.normal(size=2048), sigma=np.eye(2048))
   config.evaluation.update(extractor="inception", reference_stats=stats)
   seen.clear()
-  np.testing.assert_array_equal(pipeline.proxy_reference(config, extractor).mu,
+  np.testing.assert_array_equal(stages.extractors.proxy_reference(config, extractor).mu,
                                 np.load(stats)["mu"])
   assert not seen
 
@@ -504,7 +504,7 @@ def test_a_held_out_split_too_small_for_the_knn_metrics_is_refused_at_start_up(t
   config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match="held-out split 'test'.*has 3 images.*k = 3"):
-    pipeline.run(config, str(workdir))
+    stages.run(config, str(workdir))
   assert not os.path.exists(workdir / "tokenizer")  # refused before any stage ran
 
 
@@ -534,7 +534,7 @@ def test_command_line_overrides_and_config_json(tmp_path):
   assert saved["stages"] == ["tokenizer"]
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
-  with open(os.path.join(workdir, "tokenizer", pipeline.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, "tokenizer", stages.tokenizer.RESULTS_FILE)) as f:
     assert len(json.load(f)["psnr_by_depth"]) == 2
 
 
@@ -544,14 +544,14 @@ def test_run_config_differences_name_model_fields_only():
   current = config_base.base_config()
   current.tokenizer.quantizer.depth = 8  # shapes the checkpoints
   current.generator.train.log_every = 7  # resumable
-  assert pipeline.config_differences(saved, current.to_dict()) == [
+  assert stages.run_config.config_differences(saved, current.to_dict()) == [
       "tokenizer.quantizer.depth"]
   # A field added to the schema after the saved run matches at its default only.
   del saved["generator"]["train"]["grad_accum_steps"]
   current = config_base.base_config()
-  assert pipeline.config_differences(saved, current.to_dict()) == []
+  assert stages.run_config.config_differences(saved, current.to_dict()) == []
   current.generator.train.grad_accum_steps = 2
-  assert pipeline.config_differences(saved, current.to_dict()) == [
+  assert stages.run_config.config_differences(saved, current.to_dict()) == [
       "generator.train.grad_accum_steps"]
 
 
@@ -559,7 +559,7 @@ def test_tokenizer_refuses_gradient_accumulation(tmp_path):
   config = tiny_config()
   config.tokenizer.train.grad_accum_steps = 2
   with pytest.raises(ValueError, match="tokenizer.train.grad_accum_steps must be 1"):
-    pipeline.run_tokenizer(config, str(tmp_path), mesh_lib.make_mesh(("data",), (-1,)))
+    stages.tokenizer.run(config, str(tmp_path), mesh_lib.make_mesh(("data",), (-1,)))
   assert not os.listdir(tmp_path)  # nothing written
 
 
