@@ -2,15 +2,25 @@
 
     python -m resgen_jax.main --config=configs/digits.py --workdir=/tmp/digits
 
-Hardware: 2 CPU cores. Expected: the tokenizer trains in a few minutes; its report
-(``DIR/tokenizer/results.json``) gives reconstruction PSNR per depth prefix on the 297
-held-out digits, rising with depth; ``DIR/tokens/`` then holds the cached 4x4x4 codes.
+Every stage: the RVQ tokenizer (4x4 grid, depth 4, 64 codes per depth, quantizer dropout so
+every depth prefix decodes), the token cache, the ResGen generator (1.27M parameters, 2500
+steps), 320 class-conditional samples and their evaluation against the 297 held-out digits
+in the features of a classifier trained here.
+Hardware: 2 CPU cores, about 6 minutes. Measured (``DIR/tokenizer/results.json`` and
+``DIR/samples/<tag>_eval.json``): PSNR rising with the depth prefix; class agreement of the
+samples 0.925, Frechet distance 13.97, precision 0.878, recall 0.825.
+
+``configs/digits.py:runlocal``: the same stages with ~10k-parameter models and a few steps
+(the suite's shared trained run; about a minute), for checking a change end to end. Its
+numbers mean nothing.
 """
 
 from resgen_jax import config_base
 
 
-def get_config():
+def get_config(variant: str = ""):
+  """The default run, or (``variant="runlocal"``) its shrink: see the module docstring."""
+  shrink = config_base.config_variant("digits", variant)
   config = config_base.base_config()
   config.data.name = "digits"
   config.data.image_size = 16
@@ -56,4 +66,26 @@ def get_config():
   # equals the evaluate stage's Frechet distance).
   config.evaluation.proxy_every = 500
   config.evaluation.proxy_samples = 320
+  if shrink:
+    runlocal(config)
   return config
+
+
+def runlocal(config) -> None:
+  """Shrinks ``config`` to a tokenizer of ~10k parameters at depth 3 and a generator of 2
+  layers of width 32, trained 150 and 20 steps (enough for the depth prefixes to separate),
+  sampled and scored on 2 images per class."""
+  tok = config.tokenizer
+  tok.model.update(channels=8, latent_dim=4, norm_groups=4)
+  tok.quantizer.update(depth=3, codebook_size=16, kmeans_iters=3)
+  tok.train.update(batch_size=16, eval_batch_size=128, num_steps=150, learning_rate=3e-3,
+                   warmup_steps=1, log_every=50, eval_every=0, checkpoint_every=100)
+  gen = config.generator
+  gen.model.update(width=32, num_layers=2, num_heads=2, num_components=4, low_rank=4)
+  gen.train.update(batch_size=32, eval_batch_size=128, num_steps=20, learning_rate=5e-4,
+                   warmup_steps=1, log_every=10, eval_every=0, checkpoint_every=2,
+                   ema_decay=0.9)
+  config.sampler.update(steps=4, samples_per_class=2, batch_size=16)
+  # The proxy draws the sample stage's 10 x 2 images: at the last step it equals that
+  # stage's Frechet distance.
+  config.evaluation.update(classifier_steps=50, proxy_every=10, proxy_samples=20)

@@ -35,14 +35,10 @@ from resgen_jax import config_base
 from resgen_jax.data import fake_imagenet
 from resgen_jax import layers
 
-VARIANTS = ("", "runlocal")
-
 
 def get_config(variant: str = ""):
   """The paper's config, or (``variant="runlocal"``) its shrink: see the module docstring."""
-  if variant not in VARIANTS:
-    raise ValueError(f"configs/imagenet.py knows the variants {VARIANTS}, got {variant!r} "
-                     f"(use configs/imagenet.py or configs/imagenet.py:runlocal)")
+  shrink = config_base.config_variant("imagenet", variant)
   config = config_base.base_config()
   config.data.name = "imagenet2012"
   config.data.image_size = 256
@@ -128,7 +124,7 @@ def get_config(variant: str = ""):
   # FID during training: 5,000 samples against 10,000 held-out images (or reference_stats)
   config.evaluation.update(proxy_every=50_000, proxy_samples=5_000,
                            proxy_reference_examples=10_000)
-  if variant == "runlocal":
+  if shrink:
     runlocal(config)
   return config
 

@@ -17,12 +17,19 @@ duration ratio 1.05, word-classifier F1 0.19 (0.81 on the real speech), speaker 
 the rhythm and timbre of speech, not yet its words or the prompt's voice.
 ``DIR/tts_eval/`` also holds the generated WAVs and the file lists the common evaluation
 scripts read.
+
+``configs/tts_tiny.py:runlocal``: the same stages on 12 + 8 utterances with models of a few
+thousand parameters and two steps of each training stage (the suite's speech run; well
+under a minute), for checking a change end to end. Its numbers mean nothing.
 """
 
 from resgen_jax import config_base
 
 
-def get_config():
+def get_config(variant: str = ""):
+  """The embedded speech run, or (``variant="runlocal"``) its shrink: see the module
+  docstring."""
+  shrink = config_base.config_variant("tts_tiny", variant)
   config = config_base.base_config()
   config.stages = ("tokenizer", "encode", "generator", "evaluate")
   data = config.data
@@ -79,4 +86,24 @@ def get_config():
   config.synth.batch_size = 16
   config.evaluation.tts_prompt_seconds = 1.0
   config.evaluation.tts_classifier_steps = 1500  # word F1 on real unseen voices: 0.66 at 1000
+  if shrink:
+    runlocal(config)
   return config
+
+
+def runlocal(config) -> None:
+  """Shrinks ``config`` to a few utterances, tiny models and two steps of each stage."""
+  config.data.espeak.update(train_utterances=12, eval_utterances=8)
+  config.data.max_seconds = 3.0
+  tok = config.tokenizer
+  tok.model.update(channels=8, latent_dim=8)
+  tok.quantizer.update(depth=4, codebook_size=16)
+  tok.crop_frames = 32
+  tok.train.update(batch_size=8, num_steps=2, warmup_steps=1, eval_batch_size=8)
+  gen = config.generator
+  gen.model.update(width=32, num_layers=1, num_heads=2, text_layers=1, num_components=4,
+                   low_rank=4)
+  gen.train.update(batch_size=8, num_steps=2, warmup_steps=1, eval_batch_size=8)
+  config.sampler.steps = 3
+  config.synth.batch_size = 4
+  config.evaluation.update(tts_classifier_steps=3, tts_prompt_seconds=0.5)

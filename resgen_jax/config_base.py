@@ -312,6 +312,20 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
 
+RUNLOCAL = "runlocal"  # every config file's shrink: the same stages and code path, tiny sizes
+
+
+def config_variant(name: str, variant: str) -> bool:
+  """Whether ``get_config(variant)`` of ``configs/<name>.py`` asks for the ``runlocal``
+  shrink (``--config=configs/<name>.py:runlocal``); any other variant but the default ("")
+  is refused naming both."""
+  variants = ("", RUNLOCAL)
+  if variant not in variants:
+    raise ValueError(f"configs/{name}.py knows the variants {variants}, got {variant!r} "
+                     f"(use configs/{name}.py or configs/{name}.py:{RUNLOCAL})")
+  return variant == RUNLOCAL
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file, as ``--config=path`` would load it (for notebooks,
   benchmarks and tests); ``path:arg`` calls ``get_config(arg)`` (``--config=path:arg``)."""

@@ -1,5 +1,5 @@
-"""Shared set-up: 8 CPU devices, a compilation cache, and a tiny digits config that trains
-in seconds on a CPU."""
+"""Shared set-up: 8 CPU devices, a compilation cache, and the digits config's ``runlocal``
+shrink, which trains in seconds on a CPU."""
 
 import os
 import tempfile
@@ -58,30 +58,29 @@ def quick_compile():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_RUNLOCAL = os.path.join(REPO, "configs", "digits.py") + ":" + config_base.RUNLOCAL
+
+
+def trained_config():
+  """``configs/digits.py:runlocal``: the default's every stage with ~10k-parameter models,
+  trained long enough (150 tokenizer steps) for its depth prefixes to separate."""
+  return config_base.load_config_file(DIGITS_RUNLOCAL)
+
+
+TRAINED_STEPS = trained_config().tokenizer.train.num_steps
+
+
 def tiny_config(num_steps: int = 4):
-  """The digits pipeline shrunk to a ~10k-parameter tokenizer and a few steps."""
-  config = config_base.base_config()
+  """:func:`trained_config`'s models for ``num_steps`` steps of each stage (checkpoints
+  every 2, no quantizer dropout, no proxy), the tokenizer and encode stages on."""
+  config = trained_config()
+  config.stages = ("tokenizer", "encode")
   tok = config.tokenizer
-  tok.model.channels = 8
-  tok.model.channel_multipliers = (1, 2, 2)
-  tok.model.latent_dim = 4
-  tok.model.norm_groups = 4
-  tok.quantizer.depth = 3
-  tok.quantizer.codebook_size = 16
-  tok.quantizer.kmeans_iters = 3
-  tok.train.batch_size = 16
-  tok.train.eval_batch_size = 128
-  tok.train.num_steps = num_steps
-  tok.train.warmup_steps = 1
-  tok.train.log_every = 2
-  tok.train.eval_every = 0
-  tok.train.checkpoint_every = 2
-  gen = config.generator
-  gen.model.update(width=32, num_layers=2, num_heads=2, num_components=4, low_rank=4)
-  gen.train.update(batch_size=32, eval_batch_size=128, num_steps=num_steps, warmup_steps=1,
-                   log_every=2, eval_every=0, checkpoint_every=2, ema_decay=0.9)
-  config.sampler.update(steps=4, samples_per_class=2, batch_size=16)
-  config.evaluation.classifier_steps = 50
+  tok.quantizer.dropout_prob = 0.0
+  tok.train.update(num_steps=num_steps, learning_rate=1e-3, log_every=2, checkpoint_every=2)
+  config.generator.train.update(num_steps=num_steps, log_every=2)
+  config.evaluation.update(proxy_every=0, proxy_samples=500)
   return config
 
 
@@ -90,38 +89,17 @@ def config():
   return tiny_config()
 
 
-TRAINED_STEPS = 150  # enough for the tiny tokenizer's depth prefixes to separate
-
-
-def trained_config():
-  """:func:`tiny_config` trained long enough for its tokenizer's depths to matter, every
-  stage on."""
-  config = tiny_config(num_steps=TRAINED_STEPS)
-  config.tokenizer.quantizer.dropout_prob = 0.5
-  config.tokenizer.train.learning_rate = 3e-3
-  config.tokenizer.train.checkpoint_every = 100
-  config.tokenizer.train.log_every = 50
-  config.stages = ("tokenizer", "encode", "generator", "sample", "evaluate")
-  config.generator.train.num_steps = 20
-  config.generator.train.log_every = 10
-  # The proxy draws the sample stage's 10 x 2 images: at the last step it equals that
-  # stage's Frechet distance.
-  config.evaluation.update(proxy_every=10, proxy_samples=20)
-  return config
-
-
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """A workdir where :func:`trained_config` ran every stage, trained once per session.
   Tests that change files in it work on a copy."""
-  from resgen_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from resgen_jax import stages  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("run"))
-  pipeline.run(trained_config(), workdir)
+  stages.run(trained_config(), workdir)
   return workdir
 
 
-NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "notebooks")
+NOTEBOOKS = os.path.join(REPO, "notebooks")
 NOTEBOOK_TIMEOUT_S = 600  # per cell
 
 

@@ -9,39 +9,21 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHILD_JAX_ENV, set_fields
-from resgen_jax import pipeline
+from conftest import CHILD_JAX_ENV
+from resgen_jax import stages
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import espeak, frontend, tts
 from resgen_jax.audio import evaluation as tts_eval
 from resgen_jax.train import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "tts_tiny.py")
 # Small enough for a test: a few utterances, two steps of each stage, tiny models.
-OVERRIDES = dict(
-    **{"data.espeak.train_utterances": 12, "data.espeak.eval_utterances": 8,
-       "data.max_seconds": 3.0, "tokenizer.model.channels": 8,
-       "tokenizer.model.latent_dim": 8, "tokenizer.quantizer.depth": 4,
-       "tokenizer.quantizer.codebook_size": 16, "tokenizer.crop_frames": 32,
-       "tokenizer.train.batch_size": 8, "tokenizer.train.num_steps": 2,
-       "tokenizer.train.warmup_steps": 1, "tokenizer.train.eval_batch_size": 8,
-       "generator.model.width": 32, "generator.model.num_layers": 1,
-       "generator.model.num_heads": 2, "generator.model.text_layers": 1,
-       "generator.model.num_components": 4, "generator.model.low_rank": 4,
-       "generator.train.batch_size": 8, "generator.train.num_steps": 2,
-       "generator.train.warmup_steps": 1, "generator.train.eval_batch_size": 8,
-       "sampler.steps": 3, "synth.batch_size": 4, "evaluation.tts_classifier_steps": 3,
-       "evaluation.tts_prompt_seconds": 0.5})
+CONFIG = os.path.join(ROOT, "configs", "tts_tiny.py") + ":runlocal"
 
 
 def tiny_config():
   from resgen_jax import config_base  # pylint: disable=g-import-not-at-top
-  return set_fields(config_base.load_config_file(CONFIG), OVERRIDES)
-
-
-def cli_flags():
-  return [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  return config_base.load_config_file(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +31,7 @@ def run(tmp_path_factory):
   """A workdir after one training run of the codec and the generator (two steps each)."""
   workdir = str(tmp_path_factory.mktemp("tts"))
   config = tiny_config()
-  pipeline.run(config, workdir, ("tokenizer", "encode", "generator"))
+  stages.run(config, workdir, ("tokenizer", "encode", "generator"))
   prompt = os.path.join(workdir, "prompt.wav")
   wave, rate = espeak.synthesize("one two three four", "en+f5", 170, 50)
   frontend.write_wav(prompt, wave, rate)
@@ -76,7 +58,7 @@ def test_synthesize_cli_writes_a_wav_of_the_expected_length(run, tmp_path):
   seconds = 0.6
   result = subprocess.run(
       [sys.executable, "-m", "resgen_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-       "--mode=synthesize", *cli_flags(), "--config.synth.text=six seven",
+       "--mode=synthesize", "--config.synth.text=six seven",
        f"--config.synth.prompt_wav={prompt}", "--config.synth.prompt_text=one two three four",
        f"--config.synth.seconds={seconds}", f"--config.synth.output={out}"],
       cwd=ROOT, env=dict(os.environ, **CHILD_JAX_ENV), capture_output=True, text=True,
