@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
   """The paper's speech config, or (``variant="runlocal"``) its shrink: see the module
   docstring."""
   shrink = config_base.config_variant("librispeech", variant)
-  config = config_base.base_config()
+  config = config_base.base_config("speech")
   config.stages = ("tokenizer", "encode", "generator", "evaluate")
   data = config.data
   data.name = "librispeech"

@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
   """The embedded speech run, or (``variant="runlocal"``) its shrink: see the module
   docstring."""
   shrink = config_base.config_variant("tts_tiny", variant)
-  config = config_base.base_config()
+  config = config_base.base_config("speech")
   config.stages = ("tokenizer", "encode", "generator", "evaluate")
   data = config.data
   data.name = "espeak"

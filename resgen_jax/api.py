@@ -32,7 +32,6 @@ import numpy as np
 
 from resgen_jax import stages
 from resgen_jax.audio import api as speech_api
-from resgen_jax.audio import corpus
 from resgen_jax.codec import rvq
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.runs import (  # part of the API; shared with audio/api.py
@@ -66,7 +65,7 @@ def load(workdir: str, mesh=None):
   """The trained run in ``workdir``: an :class:`ImageRun`, or a ``SpeechRun`` for a speech
   workdir (see :mod:`resgen_jax.audio.api`). ``mesh``: default :func:`default_mesh`."""
   config = read_run_config(workdir)
-  if config.data.name in corpus.SPEECH_SOURCES:
+  if config.modality == "speech":
     return speech_api.SpeechRun(workdir, config, mesh)
   return ImageRun(workdir, config, mesh)
 
@@ -84,8 +83,9 @@ class ImageRun:
                mesh=None):
     self.workdir = workdir
     self.config = read_run_config(workdir) if config is None else config
-    if self.config.data.name in corpus.SPEECH_SOURCES:
-      raise ValueError(f"{workdir} is a speech run (data.name={self.config.data.name!r}); "
+    if self.config.modality == "speech":
+      raise ValueError(f"{workdir} is a speech run (modality 'speech', data.name="
+                       f"{self.config.data.name!r}); "
                        f"load it with api.load or audio.api.SpeechRun")
     self.mesh = default_mesh(self.config) if mesh is None else mesh
     check_trained(workdir, "tokenizer")

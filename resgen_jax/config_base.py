@@ -3,17 +3,26 @@
 Each file under ``configs/`` calls :func:`base_config` and changes what its experiment
 needs; any field can then be overridden on the command line, e.g.
 ``--config.tokenizer.quantizer.depth=16``. Field comments say what each field means.
+
+The schema is composed by modality: ``base_config("image")`` (the default) holds the common
+sections, ``base_config("speech")`` adds the speech fields of :func:`speech_fields` (the
+``audio``, ``text`` and ``synth`` sections, the corpus, codec-crop and zero-shot-evaluation
+fields), so an image run's ``config.json`` holds no speech field and an image config never
+loads the speech front end.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Iterable
 
 import ml_collections
 
-from resgen_jax.audio import corpus, frontend
-from resgen_jax.audio import text as text_lib
+from resgen_jax.data import sources
+
+MODALITIES = ("image", "speech")  # config.modality: which stages and data a run has
 
 # Fields (or whole sections) that may differ between a run's saved config.json and the
 # config that resumes it: they change how verbosely a run goes, where its data lives, or how
@@ -101,7 +110,6 @@ def tokenizer_config() -> ml_collections.ConfigDict:
           dropout_prob=0.0,  # quantizer dropout: prob. of training with a random depth
           init_scale=1.0,  # std of random initial codebooks (before k-means/restarts)
       ),
-      crop_frames=64,  # speech codec: mel frames of each training crop (multiple of f)
       # image encode stage: batches (of train.eval_batch_size) per token file written as it
       # goes, the most encoding a preemption loses (ImageNet, batch 256: 12,800 images)
       encode_chunk_batches=50,
@@ -233,9 +241,11 @@ def synth_config() -> ml_collections.ConfigDict:
   ))
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every field of a run, with small defaults."""
-  return ml_collections.ConfigDict(dict(
+def base_config(modality: str = "image") -> ml_collections.ConfigDict:
+  """Every field of a run of ``modality`` (image | speech), with small defaults."""
+  check_modality(modality)
+  config = ml_collections.ConfigDict(dict(
+      modality=modality,  # image | speech: the schema's sections and the stages' kind
       seed=0,  # root seed; each stage folds its name in
       stages=("tokenizer", "encode"),  # what --mode=train runs, in order
       mesh=dict(
@@ -264,17 +274,7 @@ def base_config() -> ml_collections.ConfigDict:
           # folder source: image-decoding processes (0: in the training process; -1: one
           # per host core); the imagenet2012 stream decodes with tf.data's autotuning
           workers=0,
-          # speech (name espeak | manifest | librispeech; audio/corpus.py): clips outside
-          # [min_seconds, max_seconds] are dropped; max_seconds also sets how many token
-          # frames the generator handles (generator.model.max_positions = 0)
-          min_seconds=0.5,
-          max_seconds=20.0,
-          max_utterances=0,  # librispeech: read at most this many per split; 0 = all
-          espeak=corpus.speech_data_config().espeak,  # the embedded synthetic corpus
       ),
-      audio=frontend.audio_config(),  # speech: sample rate, STFT and mel settings, vocoder
-      text=text_lib.text_config(),  # speech: the transcript tokenizer and its length limit
-      synth=synth_config(),
       tokenizer=tokenizer_config(),
       generator=generator_config(),
       sampler=sampler_config(),
@@ -303,13 +303,54 @@ def base_config() -> ml_collections.ConfigDict:
           # held-out images of that rFID (0: the whole split); the extractor sees each D + 1
           # times (the image and its D prefix reconstructions)
           tokenizer_rfid_examples=0,
-          # speech (audio/evaluation.py): prompt length of the continuation task, target
-          # utterances per task (0: every eligible one), classifier training steps
-          tts_prompt_seconds=3.0,
-          tts_max_utterances=0,
-          tts_classifier_steps=600,
       ),
   ))
+  if modality == "speech":
+    for dotted, value in speech_fields().items():
+      *parents, name = dotted.split(".")
+      section = config
+      for part in parents:
+        section = section[part]
+      section[name] = value
+  return config
+
+
+def speech_fields() -> dict:
+  """The fields only a speech run has, by dotted name, with their defaults."""
+  # Imported here: an image config never loads the speech front end (scipy.signal, eSpeak).
+  from resgen_jax.audio import corpus, frontend  # pylint: disable=g-import-not-at-top
+  from resgen_jax.audio import text as text_lib  # pylint: disable=g-import-not-at-top
+  return {
+      # speech sources (name espeak | manifest | librispeech; audio/corpus.py): clips outside
+      # [min_seconds, max_seconds] are dropped; max_seconds also sets how many token frames
+      # the generator handles (generator.model.max_positions = 0)
+      "data.min_seconds": 0.5,
+      "data.max_seconds": 20.0,
+      "data.max_utterances": 0,  # librispeech: read at most this many per split; 0 = all
+      "data.espeak": corpus.speech_data_config().espeak,  # the embedded synthetic corpus
+      "audio": frontend.audio_config(),  # sample rate, STFT and mel settings, vocoder
+      "text": text_lib.text_config(),  # the transcript tokenizer and its length limit
+      "synth": synth_config(),
+      "tokenizer.crop_frames": 64,  # codec training: mel frames per crop (multiple of f)
+      # zero-shot evaluation (audio/evaluation.py): prompt length of the continuation task,
+      # target utterances per task (0: every eligible one), classifier training steps
+      "evaluation.tts_prompt_seconds": 3.0,
+      "evaluation.tts_max_utterances": 0,
+      "evaluation.tts_classifier_steps": 600,
+  }
+
+
+def check_modality(modality: str) -> None:
+  if modality not in MODALITIES:
+    raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+
+def modality_of(saved: dict) -> str:
+  """The modality of a saved ``config.json``: its ``modality`` field, or for one written
+  before the field existed, what its data source is (an image source or a speech one)."""
+  if "modality" in saved:
+    return saved["modality"]
+  return "image" if saved.get("data", {}).get("name") in sources.SOURCE_NAMES else "speech"
 
 
 RUNLOCAL = "runlocal"  # every config file's shrink: the same stages and code path, tiny sizes
@@ -353,8 +394,31 @@ def _typed_like(value, like):
   return value
 
 
+def without_fields(tree: dict, dotted: Iterable[str]) -> dict:
+  """``tree`` (nested dicts) less the ``dotted`` fields it has (a copy)."""
+  tree = json.loads(json.dumps(tree))
+  for name in dotted:
+    *parents, leaf = name.split(".")
+    section = tree
+    for part in parents:
+      section = section.get(part, {})
+    section.pop(leaf, None)
+  return tree
+
+
+def foreign_fields(modality: str) -> tuple:
+  """The dotted fields another modality has and ``modality`` lacks: what a ``config.json``
+  written before the schema was split by modality holds beyond its own (an image run's
+  speech fields), ignored when it is read and compared."""
+  return tuple(speech_fields()) if modality == "image" else ()
+
+
 def config_from_json(saved: dict) -> ml_collections.ConfigDict:
-  """A run's ``config.json`` (written by the pipeline) back as the config it came from:
-  the base config with every saved value in place, in the field's type. Fields a newer
-  version added keep their defaults."""
-  return _typed_like(saved, base_config())
+  """A run's ``config.json`` (written by the stages) back as the config it came from: the
+  base config of its modality with every saved value in place, in the field's type. Fields
+  a newer version added keep their defaults; another modality's fields that an older
+  version wrote are dropped."""
+  modality = modality_of(saved)
+  check_modality(modality)
+  saved = without_fields(dict(saved, modality=modality), foreign_fields(modality))
+  return _typed_like(saved, base_config(modality))

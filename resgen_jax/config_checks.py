@@ -13,13 +13,29 @@ from typing import Iterable
 
 import ml_collections
 
-from resgen_jax.audio import corpus
+from resgen_jax import config_base
+from resgen_jax.data import sources
 from resgen_jax.evaluation import classifier, inception, metrics
 from resgen_jax.generator import sampler
 from resgen_jax.generator.task import check_generator_model
 
 TRAINED_STAGES = {"tokenizer": "tokenizer", "generator": "generator"}  # stage -> section
 SAMPLING_STAGES = ("sample", "synthesize", "evaluate")
+
+
+def check_modality_data(config: ml_collections.ConfigDict) -> None:
+  """``modality`` is known and ``data.name`` is a source of that modality."""
+  config_base.check_modality(config.modality)
+  if config.modality == "speech":
+    from resgen_jax.audio import corpus  # pylint: disable=g-import-not-at-top
+    names = corpus.SPEECH_SOURCES
+  else:
+    names = sources.SOURCE_NAMES
+  if config.data.name not in names:
+    article = "an" if config.modality == "image" else "a"
+    raise ValueError(f"data.name={config.data.name!r} is not {article} {config.modality} source "
+                     f"(modality={config.modality!r}: one of {names}); a speech config starts "
+                     f"from config_base.base_config('speech'), as configs/tts_tiny.py does")
 
 
 def check_train(cfg: ml_collections.ConfigDict, name: str) -> None:
@@ -112,7 +128,8 @@ def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> No
       if reference < 0 or reference == 1:
         raise ValueError(f"evaluation.proxy_reference_examples must be 0 (the whole held-out "
                          f"split) or >= 2 (a covariance), got {reference}")
-  image = config.data.name not in corpus.SPEECH_SOURCES
+  check_modality_data(config)
+  image = config.modality == "image"
   if image and "encode" in stages and config.tokenizer.encode_chunk_batches < 1:
     raise ValueError(f"tokenizer.encode_chunk_batches must be >= 1, got "
                      f"{config.tokenizer.encode_chunk_batches}")

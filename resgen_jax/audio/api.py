@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from resgen_jax import runs
-from resgen_jax.audio import corpus, frontend, tts
+from resgen_jax.audio import frontend, tts
 from resgen_jax.utils import files
 
 # A prompt: a WAV file's path or ``(wave float [T], sample rate in Hz)``.
@@ -59,8 +59,9 @@ class SpeechRun:
                mesh=None, vocoder: Optional[frontend.Vocoder] = None):
     self.workdir = workdir
     self.config = runs.read_run_config(workdir) if config is None else config
-    if self.config.data.name not in corpus.SPEECH_SOURCES:
-      raise ValueError(f"{workdir} is an image run (data.name={self.config.data.name!r}); "
+    if self.config.modality != "speech":
+      raise ValueError(f"{workdir} is an image run (modality {self.config.modality!r}, "
+                       f"data.name={self.config.data.name!r}); "
                        f"load it with api.load or api.ImageRun")
     self.mesh = runs.default_mesh(self.config) if mesh is None else mesh
     for stage in ("tokenizer", "generator"):

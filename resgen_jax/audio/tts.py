@@ -35,7 +35,6 @@ from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from resgen_jax.audio import codec as codec_lib
@@ -55,10 +54,6 @@ RESULTS_FILE = "results.json"
 ENCODE_BATCH = 32  # utterances per codec call when encoding a corpus
 SPEECH_CLASSES = 1  # the generator's class input is constant for speech (plus the null class)
 MANIFEST_COLUMNS = ("prompt_wav", "prompt_text", "text")  # synth.manifest (+ optional name)
-
-
-def is_speech(config: ml_collections.ConfigDict) -> bool:
-  return config.data.name in corpus.SPEECH_SOURCES
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ by :func:`run`; one module per stage:
 
 :mod:`.run_config` keeps a workdir to one model config; :mod:`.sampling` is the compiled
 sampler and :mod:`.extractors` the evaluation's features, shared by the stages and the API.
-A speech config (``data.name`` a speech source) runs the speech stages of
+A speech config (``config.modality == "speech"``) runs the speech stages of
 ``audio/stages.py`` under the same names, plus ``synthesize``.
 
 A stage whose results exist is not run again, and nothing it wrote is overwritten.
@@ -23,8 +23,7 @@ from typing import Callable, Dict
 
 import ml_collections
 
-from resgen_jax import config_checks
-from resgen_jax.audio import corpus
+from resgen_jax import config_base, config_checks
 from resgen_jax.stages import encode, evaluate, extractors, generator, run_config, sample
 from resgen_jax.stages import tokenizer
 from resgen_jax.train import mesh as mesh_lib
@@ -38,14 +37,14 @@ STAGES: Dict[str, Callable] = {"tokenizer": tokenizer.run, "encode": encode.run,
 def run(config: ml_collections.ConfigDict, workdir: str, stages=None) -> None:
   """Runs ``stages`` (default ``config.stages``) in order in ``workdir``."""
   stages = tuple(config.stages if stages is None else stages)
+  config_base.check_modality(config.modality)
   table = STAGES
-  if config.data.name in corpus.SPEECH_SOURCES:
+  if config.modality == "speech":
     from resgen_jax.audio import stages as speech_stages  # pylint: disable=g-import-not-at-top
     table = speech_stages.STAGES
   unknown = [s for s in stages if s not in table]
   if unknown:
-    kind = "speech" if table is not STAGES else "image"
-    raise ValueError(f"unknown stages {unknown} for a {kind} config (data.name="
+    raise ValueError(f"unknown stages {unknown} for a {config.modality} config (data.name="
                      f"{config.data.name!r}); known: {sorted(table)}")
   config_checks.check_config(config, stages)  # before anything is written or trained
   if "evaluate" in stages and table is STAGES:

@@ -31,10 +31,15 @@ def config_differences(saved: dict, current: dict) -> list:
   """Dotted field names whose values differ (present in either) and are not resumable.
 
   A field the saved config lacks (added to the schema after that run started) matches when
-  the current value is the schema's default: the old run behaved as the default does.
+  the current value is the schema's default: the old run behaved as the default does. A
+  config saved before the schema was split by modality gets its modality from its data
+  source, and the other modality's fields it holds are not compared.
   """
+  modality = config_base.modality_of(saved)
+  saved = config_base.without_fields(dict(saved, modality=modality),
+                                     config_base.foreign_fields(current.get("modality", "")))
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
-  defaults = _flatten(json.loads(config_base.base_config().to_json()))
+  defaults = _flatten(json.loads(config_base.base_config(modality).to_json()))
   resumable = lambda key: any(key == f or key.startswith(f + ".")
                               for f in config_base.RESUMABLE_FIELDS)
   added_at_default = lambda key: key not in a and key in defaults and b.get(key) == defaults[key]
