@@ -174,8 +174,9 @@ def generator_config() -> ml_collections.ConfigDict:
           # count k, so every hidden token counts the same, as in the direct baseline's cross
           # entropy, and fully hidden positions outweigh near-unpredictable fine tails).
           # MNIST D4 (README): Frechet 228 -> 192 with tokens (seed 0); with sampler
-          # temperature 0.5, 138 over seeds 0-2 against direct's best 167. Kept at the
-          # paper's until the depth trend and the digits default are measured with it
+          # temperature 0.5, 138 over seeds 0-2 against direct's best 167; D8 205 vs 245
+          # (seeds 0-1), D16 318 vs 539 (seed 0). Kept at the paper's until the digits
+          # default is measured with it
           position_weight="position",
           cond_dropout=0.1,  # probability of the null class (and null text) in training (CFG)
           # speech: share of examples trained with a wholly visible prefix (a prompt) of up to
