@@ -44,6 +44,17 @@ def set_fields(config, overrides: dict):
   return config
 
 
+def flatten(tree, prefix=""):
+  """Nested dicts -> ``{"dotted.name": leaf}`` (a config's ``to_dict()`` field by field)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 @pytest.fixture(scope="module")
 def quick_compile():
   """XLA's quick compile mode for one module (``pytestmark = pytest.mark.usefixtures(

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import CHILD_JAX_ENV, REPO, set_fields
+from conftest import CHILD_JAX_ENV, REPO, flatten, set_fields
 from resgen_jax import config_base, config_checks, stages
 from resgen_jax.audio import corpus
 
@@ -26,16 +26,6 @@ KEPT = ("stages", "modality", "generator.family", "generator.model.text_mode", "
         "sampler.confidence_depths", "evaluation.extractor")
 # Configs whose start-up checks need files the user gives (weights, fake data).
 NEEDS_FILES = ("imagenet.py",)
-
-
-def flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def test_every_config_file_is_covered():

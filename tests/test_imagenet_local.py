@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHILD_JAX_ENV, execute_notebook, images_shown, set_fields
+from conftest import CHILD_JAX_ENV, execute_notebook, flatten, images_shown, set_fields
 from resgen_jax import config_base, stages
 from resgen_jax import data as data_lib
 from resgen_jax.codec import losses, token_cache
@@ -34,16 +34,6 @@ SIZE_FIELDS = (
     "evaluation.inception_weights", "evaluation.batch_size",
     "evaluation.tokenizer_rfid_examples", "evaluation.proxy_every", "evaluation.proxy_samples",
     "evaluation.proxy_reference_examples")
-
-
-def flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def test_runlocal_differs_from_the_paper_config_only_in_sizes():
