@@ -316,8 +316,17 @@ def base_config(modality: str = "image") -> ml_collections.ConfigDict:
   return config
 
 
+# The dotted fields only a speech run has (the keys of speech_fields(), named here so that
+# comparing an image run's config never imports the speech code that gives their defaults).
+SPEECH_FIELDS = ("data.min_seconds", "data.max_seconds", "data.max_utterances", "data.espeak",
+                 "audio", "text", "synth", "tokenizer.crop_frames",
+                 "evaluation.tts_prompt_seconds", "evaluation.tts_max_utterances",
+                 "evaluation.tts_classifier_steps")
+
+
 def speech_fields() -> dict:
-  """The fields only a speech run has, by dotted name, with their defaults."""
+  """The fields only a speech run has (``SPEECH_FIELDS``), by dotted name, with their
+  defaults."""
   # Imported here: an image config never loads the speech front end (scipy.signal, eSpeak).
   from resgen_jax.audio import corpus, frontend  # pylint: disable=g-import-not-at-top
   from resgen_jax.audio import text as text_lib  # pylint: disable=g-import-not-at-top
@@ -411,7 +420,7 @@ def foreign_fields(modality: str) -> tuple:
   """The dotted fields another modality has and ``modality`` lacks: what a ``config.json``
   written before the schema was split by modality holds beyond its own (an image run's
   speech fields), ignored when it is read and compared."""
-  return tuple(speech_fields()) if modality == "image" else ()
+  return SPEECH_FIELDS if modality == "image" else ()
 
 
 def config_from_json(saved: dict) -> ml_collections.ConfigDict:

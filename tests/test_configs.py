@@ -84,9 +84,11 @@ def test_librispeech_runlocal_runs_every_stage_of_the_paper_speech_config(tmp_pa
 
 def test_an_image_config_holds_no_speech_field_and_loads_no_speech_code():
   """In a fresh interpreter: the digits config has no speech section, and loading it and
-  the stages imports nothing of resgen_jax.audio (no eSpeak, no scipy.signal)."""
+  the stages and comparing it with a saved config (a resume) import nothing of
+  resgen_jax.audio (no eSpeak, no scipy.signal)."""
   code = ("import sys, json; from resgen_jax import config_base, stages; "
           "c = config_base.load_config_file('configs/digits.py'); "
+          "stages.run_config.config_differences(json.loads(c.to_json()), c.to_dict()); "
           "print(json.dumps([c.modality, sorted(c), 'min_seconds' in c.data, "
           "[m for m in sys.modules if m.startswith('resgen_jax.audio')], "
           "'scipy.signal' in sys.modules]))")
@@ -96,6 +98,7 @@ def test_an_image_config_holds_no_speech_field_and_loads_no_speech_code():
       out.stdout.strip().splitlines()[-1])
   assert modality == "image" and not {"audio", "text", "synth"} & set(sections)
   assert not has_speech_data and audio_modules == [] and not scipy_signal
+  assert tuple(config_base.speech_fields()) == config_base.SPEECH_FIELDS
   speech = config_base.load_config_file(os.path.join(REPO, "configs", "tts_tiny.py"))
   assert speech.modality == "speech"
   assert set(config_base.speech_fields()) <= set(flatten(speech.to_dict())) | {
