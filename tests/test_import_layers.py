@@ -21,7 +21,7 @@ LAYERS = (
     # 3: training
     ("train.trainer", "train.optim", "train.writers", "train.distributed", "train.profiling"),
     # 4: evaluation (and the fake ImageNet, which writes the inception's reference files)
-    ("evaluation.", "audio.metrics", "data.fake_imagenet"),
+    ("evaluation.", "audio.distortion", "audio.speech_classifier", "data.fake_imagenet"),
     # 5: configs and their checks
     ("config_base", "config_checks"),
     # 6: the stages of a run

@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from resgen_jax.audio import codec as codec_lib
-from resgen_jax.audio import corpus, frontend, metrics, tts
+from resgen_jax.audio import corpus, distortion, frontend, speech_classifier, tts
 from resgen_jax.audio import text as text_lib
 from resgen_jax.utils import files
 
@@ -133,9 +133,9 @@ def speaker_classifier(config, workdir, utterances, references, mels):
                       f"tts_speakers_{config.evaluation.tts_classifier_steps}steps.msgpack")
   load = lambda: ([mels[i] for i in references],
                   np.asarray([index[utterances[i].speaker] for i in references]))
-  classifier = metrics.get_or_train(path, load, "speaker", len(speakers), config.audio.n_mels,
-                                    speakers, num_steps=config.evaluation.tts_classifier_steps,
-                                    seed=config.seed)
+  classifier = speech_classifier.get_or_train(
+      path, load, "speaker", len(speakers), config.audio.n_mels, speakers,
+      num_steps=config.evaluation.tts_classifier_steps, seed=config.seed)
   return classifier, index
 
 
@@ -147,11 +147,11 @@ def word_classifier(config, workdir):
 
   def load():
     utterances, mels = tts.split_mels(config, config.data.train_split)
-    return mels, metrics.word_targets([u.text for u in utterances], vocabulary)
+    return mels, speech_classifier.word_targets([u.text for u in utterances], vocabulary)
 
-  classifier = metrics.get_or_train(path, load, "words", len(vocabulary), config.audio.n_mels,
-                                    vocabulary, num_steps=config.evaluation.tts_classifier_steps,
-                                    seed=config.seed)
+  classifier = speech_classifier.get_or_train(
+      path, load, "words", len(vocabulary), config.audio.n_mels, vocabulary,
+      num_steps=config.evaluation.tts_classifier_steps, seed=config.seed)
   return classifier, vocabulary
 
 
@@ -223,13 +223,13 @@ def run_evaluate(config, workdir: str, mesh) -> Dict:
       else:
         ref = utterances[prompt_of[i]]
         prompt_wave, exported, prompt_text = ref.wave, out.generated, ref.text
-        ratios.append(metrics.duration_ratio(len(out.generated), len(u.wave)))
+        ratios.append(distortion.duration_ratio(len(out.generated), len(u.wave)))
       rows.append(dict(uid=u.uid, generated=exported, prompt=prompt_wave, gt=u.wave,
                        prompt_text=prompt_text, target_text=u.text))
     # One log-mel pass over all generated (and real continuation) speech of the task.
     generated_mels = codec_lib.utterance_mels([o.generated for o in outputs], config.audio)
     real_mels = [mels[i] for i, _ in pairs]
-    mcd = [metrics.mel_cepstral_distortion(real, gen) for real, gen in zip(
+    mcd = [distortion.mel_cepstral_distortion(real, gen) for real, gen in zip(
         codec_lib.utterance_mels(real_rests, config.audio), generated_mels)]
     result = {"num_utterances": len(pairs),
               "real_time_factor": seconds / (sum(len(o.generated) for o in outputs) / sr)}
@@ -240,13 +240,13 @@ def run_evaluate(config, workdir: str, mesh) -> Dict:
     labels = np.asarray([speaker_index.get(utterances[i].speaker, -1) for i, _ in pairs])
     if np.all(labels >= 0):
       result["speaker_accuracy"] = {
-          "generated": metrics.score(speakers, generated_mels, labels),
-          "real": metrics.score(speakers, real_mels, labels)}
+          "generated": speech_classifier.score(speakers, generated_mels, labels),
+          "real": speech_classifier.score(speakers, real_mels, labels)}
     if words is not None and name == "cross_sentence":
       classifier, vocabulary = words
-      truth = metrics.word_targets([utterances[i].text for i, _ in pairs], vocabulary)
-      result["word_f1"] = {"generated": metrics.score(classifier, generated_mels, truth),
-                           "real": metrics.score(classifier, real_mels, truth)}
+      truth = speech_classifier.word_targets([utterances[i].text for i, _ in pairs], vocabulary)
+      result["word_f1"] = {"generated": speech_classifier.score(classifier, generated_mels, truth),
+                           "real": speech_classifier.score(classifier, real_mels, truth)}
     if jax.process_index() == 0:
       export_task(os.path.join(out_dir, name), rows, sr)
     report[name] = result

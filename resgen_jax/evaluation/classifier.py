@@ -17,8 +17,6 @@ files (before ``pool``) are read as ``pool="mean"``.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -27,12 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import serialization
-from flax import traverse_util
 
 from resgen_jax import data as data_lib
-from resgen_jax.evaluation import frechet, metrics
-from resgen_jax.utils import files
+from resgen_jax.evaluation import fitting, frechet, metrics
 from resgen_jax.utils import images as images_lib
 
 # Width of the penultimate layer, the features of the Frechet distance: the covariance of
@@ -102,37 +97,10 @@ def _check_labels(labels, num_classes: int, count: int, name: str) -> np.ndarray
   return labels.astype(np.int32)
 
 
-def batch_indices(rng: np.random.Generator, num_examples: int, batch_size: int,
-                   num_steps: int):
-  """Yields ``num_steps`` index arrays ``[batch_size]``: consecutive slices of shuffled epochs."""
-  order = np.zeros(0, np.int64)
-  for _ in range(num_steps):
-    while order.size < batch_size:
-      order = np.concatenate([order, rng.permutation(num_examples)])
-    yield order[:batch_size]
-    order = order[batch_size:]
-
-
 def check_pool(pool: str) -> str:
   if pool not in POOLS:
     raise ValueError(f"classifier pool must be one of {POOLS}, got {pool!r}")
   return pool
-
-
-def _make_train_step(model: Classifier, optimizer: optax.GradientTransformation):
-  """-> jitted ``(params, opt_state, images, labels) -> (params, opt_state)``."""
-
-  def loss_fn(params, images, labels):
-    logits, _ = model.apply({"params": params}, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  @jax.jit
-  def step(params, opt_state, images, labels):
-    grads = jax.grad(loss_fn)(params, images, labels)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -158,14 +126,14 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     raise ValueError("cannot train a classifier on 0 images")
   model = Classifier(num_classes, check_pool(pool))
   params = model.init(jax.random.PRNGKey(seed), images[:1])["params"]
-  optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps),
-                          weight_decay=weight_decay)
-  opt_state = optimizer.init(params)
-  step = _make_train_step(model, optimizer)
-  batches = batch_indices(np.random.default_rng(seed), images.shape[0], batch_size, num_steps)
-  for indices in batches:
-    params, opt_state = step(params, opt_state, images[indices], labels[indices])
-  return params
+
+  def loss_fn(params, images, labels):
+    logits, _ = model.apply({"params": params}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  batches = ((images[i], labels[i]) for i in fitting.batch_indices(
+      np.random.default_rng(seed), images.shape[0], batch_size, num_steps))
+  return fitting.fit(loss_fn, params, batches, num_steps, learning_rate, weight_decay)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "pool"))
@@ -202,46 +170,17 @@ def save_classifier(path: str, params, num_classes: int, image_shape: Sequence[i
   meta = dict(format=FILE_FORMAT, version=FILE_VERSION, num_classes=int(num_classes),
               image_shape=[int(d) for d in image_shape], feature_dim=FEATURE_DIM,
               pool=check_pool(pool))
-  files.save_bytes(path, serialization.to_bytes(
-      {"meta": json.dumps(meta, sort_keys=True), "params": jax.device_get(params)}))
+  fitting.save_versioned(path, meta, params=params)
 
 
-def param_shapes(params) -> Dict[str, Tuple[int, ...]]:
-  """``{"conv_0/kernel": shape}`` of every leaf of a parameter tree."""
-  return {"/".join(k): tuple(np.shape(v))
-          for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def _check_params(path: str, params, meta: dict) -> None:
+def _check_params(params, meta: dict) -> None:
   """Raises a ValueError unless ``params`` fit a :class:`Classifier` described by ``meta``."""
-  if not isinstance(params, dict):
-    raise ValueError(f"{path}: parameters are a {type(params).__name__}, not a tree of arrays")
   model = Classifier(meta["num_classes"], meta["pool"])
   dummy = jnp.zeros((1,) + tuple(meta["image_shape"]), jnp.uint8)
-  expected = param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"])
-  found = param_shapes(params)
-  if found != expected:
-    raise ValueError(f"{path}: parameter shapes {found} do not fit a Classifier with "
-                     f"num_classes={meta['num_classes']}, pool={meta['pool']!r} on "
-                     f"{meta['image_shape']} images, "
-                     f"which has {expected}")
-
-
-def read_versioned(path: str, file_format: str, version, what: str) -> Tuple[dict, dict]:
-  """``(contents, meta)`` of a msgpack file whose ``meta`` JSON names ``file_format`` and
-  ``version`` (an int, or a tuple of the readable ones). FileNotFoundError naming the ``what`` for a missing file; other failures
-  (undecodable, missing keys, another format) raise ValueError, TypeError or KeyError for
-  the caller to name the file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no {what} file at {path}")
-  with open(path, "rb") as f:
-    contents = serialization.msgpack_restore(f.read())
-  meta = json.loads(contents["meta"])
-  versions = version if isinstance(version, tuple) else (version,)
-  if meta["format"] != file_format or meta["version"] not in versions:
-    raise ValueError(f"format {meta['format']!r} version {meta['version']}, expected "
-                     f"{file_format!r} version {' or '.join(map(str, versions))}")
-  return contents, meta
+  fitting.check_param_shapes(
+      params, lambda: model.init(jax.random.PRNGKey(0), dummy)["params"],
+      f"a Classifier with num_classes={meta['num_classes']}, pool={meta['pool']!r} on "
+      f"{meta['image_shape']} images")
 
 
 def load_classifier(path: str) -> Tuple[dict, dict]:
@@ -253,11 +192,12 @@ def load_classifier(path: str) -> Tuple[dict, dict]:
   classifier file; both name ``path``.
   """
   try:
-    contents, meta = read_versioned(path, FILE_FORMAT, READABLE_VERSIONS, "classifier")
+    contents, meta = fitting.read_versioned(path, FILE_FORMAT, READABLE_VERSIONS,
+                                            "classifier")
     meta.setdefault("pool", "mean")  # version 1
     params = contents["params"]
     meta["image_shape"] = tuple(meta["image_shape"])
-    _check_params(path, params, meta)
+    _check_params(params, meta)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(f"{path} is not a readable classifier file written by save_classifier "
                      f"({type(e).__name__}: {e}); remove it to train a new one") from e
@@ -279,20 +219,24 @@ def get_or_train_classifier(path: str, data_config: ml_collections.ConfigDict,
   Returns:
     The parameter tree.
   """
-  if os.path.exists(path):
-    params, meta = load_classifier(path)
-    size = data_config.image_size
-    if (meta["num_classes"] != num_classes or meta["image_shape"][:2] != (size, size)
-        or meta["pool"] != pool):
-      raise ValueError(
-          f"{path} holds a classifier (pool={meta['pool']!r}) for {meta['num_classes']} "
-          f"classes of {meta['image_shape']} images, but this run has one (pool={pool!r}) "
-          f"for {num_classes} classes of {size}x{size} images; remove the file to train a "
-          f"new one")
-    return params
-  images, labels = data_lib.load_all(data_config, data_config.train_split)
-  params = train_classifier(images, labels, num_classes, pool=pool, **train_kwargs)
-  save_classifier(path, params, num_classes, images.shape[1:], pool)
+  size = data_config.image_size
+
+  def train():
+    images, labels = data_lib.load_all(data_config, data_config.train_split)
+    params = train_classifier(images, labels, num_classes, pool=pool, **train_kwargs)
+    return params, dict(num_classes=num_classes, image_shape=images.shape[1:], pool=pool)
+
+  def save(path, trained):
+    params, meta = trained
+    save_classifier(path, params, meta["num_classes"], meta["image_shape"], meta["pool"])
+
+  params, _ = fitting.get_or_train(
+      path, "classifier", dict(pool=pool, num_classes=num_classes, image_size=(size, size)),
+      load=load_classifier,
+      describe=lambda trained: dict(pool=trained[1]["pool"],
+                                    num_classes=trained[1]["num_classes"],
+                                    image_size=tuple(trained[1]["image_shape"][:2])),
+      train=train, save=save)
   return params
 
 

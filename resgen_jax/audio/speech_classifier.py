@@ -1,37 +1,24 @@
-"""Offline proxies for zero-shot text-to-speech evaluation: no download, no pretrained model.
+"""Small speech classifiers the project trains on real data, to score generated speech
+without an external speaker-verification or ASR model.
 
-* :func:`mel_cepstral_distortion` (MCD, dB) between a reference and a generated utterance's
-  log-mels, optionally aligned by dynamic time warping (:func:`dtw_path`);
-* :func:`duration_ratio` of a generated clip to its reference;
-* a small speech classifier the project trains on real data (:func:`train_speech_classifier`):
-  ``kind="speaker"`` (which of ``num_classes`` speakers is talking; score: accuracy) or
-  ``kind="words"`` (which words of a closed vocabulary the utterance contains; score: mean
-  F1 of the predicted word set), to score generated speech for speaker similarity and
-  intelligibility without an external speaker-verification or ASR model.
+:class:`SpeechClassifier` on log-mels (those of :func:`resgen_jax.audio.frontend.log_mel`,
+``[F, n_mels]`` per utterance), trained by :func:`train_speech_classifier`:
 
-Log-mels are those of :func:`resgen_jax.audio.frontend.log_mel`: natural logs of mel
-*magnitudes*, one utterance ``[F, n_mels]`` at a time.
+* ``kind="speaker"``: which of ``num_classes`` speakers is talking (score: accuracy);
+* ``kind="words"``: which words of a closed vocabulary the utterance contains (targets from
+  :func:`word_targets`; score: mean F1 of the predicted word set).
 
-MCD scale: the mel cepstrum is that of SPTK-style MCD, ``log|X(w)| = c_0 + 2 sum_k c_k
-cos(k w)`` over the mel-warped frequency axis (the log-mel bins sampled at ``w_n = pi (n +
-1/2) / n_mels``), so values are on the customary scale (a few dB between versions of the
-same speech). They still differ from SPTK's own numbers (its mel-cepstra come from an
-all-pass-warped spectral envelope, not a mel filterbank), so compare runs with the same
-front end, ``n_mels`` and ``num_coeffs``. Every frame counts, silences included.
-
-Classifier file format (:func:`save`): one msgpack file (flax serialization, no pickle) of
-a map with ``meta``, a JSON string (format name and version, ``kind``, ``num_classes``,
-``n_mels``, ``conv_widths``, ``class_names``), ``mean`` and ``std`` (the standardisation,
-float32 ``[n_mels]``) and ``params``, the parameter tree.
+Training, the file format and get-or-train are those of the image classifier
+(:mod:`resgen_jax.evaluation.fitting`). File (:func:`save`): the map's ``meta`` JSON holds
+the format name and version, ``kind``, ``num_classes``, ``n_mels``, ``conv_widths`` and
+``class_names``; beside it ``mean`` and ``std`` (the standardisation, float32 ``[n_mels]``)
+and ``params``, the parameter tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
-import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -39,167 +26,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.fft
-import scipy.spatial.distance
-from flax import serialization
 
-from resgen_jax.evaluation import classifier as classifier_lib
-from resgen_jax.utils import files
+from resgen_jax.evaluation import fitting
 
-# --------------------------------------------------------------------------------------
-# Mel cepstral distortion
+KINDS = ("speaker", "words")
+CONV_WIDTHS = (64, 64, 64)  # output channels of the 1-D convolutions over time
+CONV_STRIDES = (1, 2, 2)  # 62.5 frames/s -> 15.6 feature frames/s before pooling
+# Kernel over frames (odd, so that output frame t is centred on input frame stride * t):
+# 5 frames at stride 1, 2, 2 give a receptive field of 29 frames, about 0.46 s at 16 ms.
+KERNEL_FRAMES = 5
+# Floor of a mel bin's standard deviation: a bin constant over the training data (at the
+# log floor, say) would otherwise be divided by ~0 and blow up on any other input.
+STD_FLOOR = 1e-3
+# A words prediction is the set of words with probability above this.
+WORD_THRESHOLD = 0.5
 
-# The customary 13 cepstral coefficients c_1..c_13 (as in MFCC front ends and most MCD
-# reports): the spectral envelope without the pitch harmonics of higher quefrencies.
-NUM_CEPSTRAL_COEFFS = 13
-# dB of power per natural-log unit of magnitude: 10 log10(|X|^2) = (20 / ln 10) ln|X|, and
-# MCD's (10 / ln 10) sqrt(2 sum_k dc_k^2) is that factor applied to sqrt(sum_k dc_k^2 / 2).
-MCD_DB = 10.0 / math.log(10.0)
-ALIGNMENTS = ("dtw", "none")
+# Training defaults, not yet calibrated on real speech: check the held-out score with
+# :func:`score` and raise num_steps if it is still climbing.
+NUM_STEPS = 1000
+BATCH_SIZE = 32
+LEARNING_RATE = 3e-3
+WEIGHT_DECAY = 1e-4
+PREDICT_BATCH_SIZE = 64
+# Prediction pads a call's clips to its longest, rounded up to a multiple of this many
+# frames (about 1 s), so that calls on similar clips share one compilation.
+PREDICT_FRAME_QUANTUM = 64
 
-
-def _check_log_mels(log_mels, name: str) -> np.ndarray:
-  """-> ``log_mels`` as float64 ``[F >= 1, n_mels]``, or a ValueError naming them."""
-  log_mels = np.asarray(log_mels, np.float64)
-  if log_mels.ndim != 2:
-    raise ValueError(f"{name} must be one utterance's log-mels [F, n_mels], got shape "
-                     f"{log_mels.shape}")
-  if log_mels.shape[0] == 0 or log_mels.shape[1] == 0:
-    raise ValueError(f"{name} is empty: shape {log_mels.shape}")
-  if not np.all(np.isfinite(log_mels)):
-    raise ValueError(f"{name} holds non-finite values")
-  return log_mels
-
-
-def mel_cepstrum(log_mels, num_coeffs: int = NUM_CEPSTRAL_COEFFS) -> np.ndarray:
-  """Mel cepstra of log-mel frames: float ``[F, n_mels]`` -> float64 ``[F, num_coeffs]``.
-
-  The cepstrum of each frame along the mel axis, ``c_k = (1 / n_mels) sum_n x_n cos(pi k
-  (2n + 1) / (2 n_mels))`` (a DCT-II scaled so that ``x = c_0 + 2 sum_k c_k cos``: see the
-  module docstring), keeping ``c_1 .. c_num_coeffs``: ``c_0``, the frame's mean log level
-  (energy), is dropped.
-
-  Raises a ValueError unless ``1 <= num_coeffs < n_mels``.
-  """
-  log_mels = _check_log_mels(log_mels, "log_mels")
-  n_mels = log_mels.shape[1]
-  if (not isinstance(num_coeffs, (int, np.integer)) or isinstance(num_coeffs, bool)
-      or not 1 <= num_coeffs < n_mels):
-    raise ValueError(f"num_coeffs must be an integer in [1, n_mels = {n_mels}), got "
-                     f"{num_coeffs!r}")
-  # scipy's unnormalised DCT-II is 2 sum_n x_n cos(...).
-  return scipy.fft.dct(log_mels, type=2, axis=-1)[:, 1:num_coeffs + 1] / (2.0 * n_mels)
-
-
-def accumulated_cost(cost) -> np.ndarray:
-  """DTW's accumulated cost ``D [N, M]`` (float64) of a cost matrix ``[N, M]``:
-  ``D[i, j] = cost[i, j] + min(D[i - 1, j], D[i, j - 1], D[i - 1, j - 1])``, ``D[0, 0] =
-  cost[0, 0]``: the least total cost of a path from (0, 0) to (i, j).
-
-  A row at a time: with ``a_j = cost[i, j] + min(D[i - 1, j], D[i - 1, j - 1])`` and row
-  prefix sums ``P_j``, the horizontal recurrence unrolls to ``D[i, j] = P_j + min_{l <= j}
-  (a_l - P_l)``, a cumulative minimum.
-  """
-  cost = np.asarray(cost, np.float64)
-  if cost.ndim != 2 or 0 in cost.shape:
-    raise ValueError(f"DTW cost must be a non-empty matrix [N, M], got shape {cost.shape}")
-  if not np.all(np.isfinite(cost)):
-    raise ValueError("DTW cost holds non-finite values")
-  total = np.empty_like(cost)
-  total[0] = np.cumsum(cost[0])
-  for i in range(1, cost.shape[0]):
-    above = total[i - 1]
-    entry = cost[i] + np.minimum(above, np.concatenate([[np.inf], above[:-1]]))
-    prefix = np.cumsum(cost[i])
-    total[i] = prefix + np.minimum.accumulate(entry - prefix)
-  return total
-
-
-def dtw_path(cost) -> Tuple[np.ndarray, np.ndarray]:
-  """The least-cost warping path through a cost matrix: float ``[N, M]`` -> (``i [P]``,
-  ``j [P]``), int64.
-
-  The path runs from (0, 0) to (N - 1, M - 1) in steps (1, 0), (0, 1) and (1, 1) and
-  minimises ``sum_p cost[i[p], j[p]]`` (classic DTW, no slope constraint or window); of
-  equal-cost predecessors, backtracking prefers the diagonal, then (i - 1, j).
-  ``max(N, M) <= P <= N + M - 1``.
-  """
-  total = accumulated_cost(cost)
-  i, j = total.shape[0] - 1, total.shape[1] - 1
-  path = [(i, j)]
-  while i > 0 or j > 0:
-    if i == 0:
-      j -= 1
-    elif j == 0:
-      i -= 1
-    else:
-      step = int(np.argmin((total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])))
-      i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
-    path.append((i, j))
-  rows, cols = np.asarray(path[::-1], np.int64).T
-  return rows, cols
-
-
-def mel_cepstral_distortion(ref_log_mels, gen_log_mels,
-                            num_coeffs: int = NUM_CEPSTRAL_COEFFS,
-                            align: str = "dtw") -> float:
-  """Mel cepstral distortion in dB between two utterances' log-mels ``[F_ref, n_mels]`` and
-  ``[F_gen, n_mels]``.
-
-  Per aligned frame pair, ``(10 / ln 10) sqrt(2 sum_{k=1}^{K} (c_k - c'_k)^2)`` over the
-  :func:`mel_cepstrum` coefficients, averaged over the pairs. ``align="dtw"`` pairs frames
-  along the :func:`dtw_path` of the Euclidean cepstral distances (for equal lengths never
-  above ``"none"``: its diagonal is one of the paths, and the DTW path is at least as
-  long); ``align="none"`` pairs frame f with frame f for f below the shorter length.
-  Symmetric in its arguments; 0 for identical inputs. See the module docstring for the
-  scale.
-
-  Raises a ValueError for inputs that are not ``[F >= 1, n_mels]``, differ in ``n_mels``, or
-  an unknown ``align``.
-  """
-  ref = _check_log_mels(ref_log_mels, "ref_log_mels")
-  gen = _check_log_mels(gen_log_mels, "gen_log_mels")
-  if ref.shape[1] != gen.shape[1]:
-    raise ValueError(f"ref_log_mels have {ref.shape[1]} mel bins, gen_log_mels "
-                     f"{gen.shape[1]}")
-  if align not in ALIGNMENTS:
-    raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
-  ref_cep, gen_cep = mel_cepstrum(ref, num_coeffs), mel_cepstrum(gen, num_coeffs)
-  if align == "none":
-    count = min(ref_cep.shape[0], gen_cep.shape[0])
-    distances = np.linalg.norm(ref_cep[:count] - gen_cep[:count], axis=-1)
-  else:
-    # Pair by pair, sqrt(sum (a - b)^2): no [F_ref, F_gen, K] temporary, and exactly 0 for
-    # equal frames (unlike the |a|^2 + |b|^2 - 2 a.b expansion).
-    cost = scipy.spatial.distance.cdist(ref_cep, gen_cep, "euclidean")
-    rows, cols = dtw_path(cost)
-    distances = cost[rows, cols]
-  return float(MCD_DB * math.sqrt(2.0) * np.mean(distances))
-
-
-def _num_samples(clip, name: str) -> int:
-  """A sample count, or a mono wave ``[T]``'s length -> an int >= 0, or a ValueError."""
-  array = np.asarray(clip)
-  if array.ndim == 1:
-    return array.shape[0]
-  if array.ndim == 0 and np.issubdtype(array.dtype, np.integer) and array >= 0:
-    return int(array)
-  raise ValueError(f"{name} must be a sample count (an int >= 0) or a mono wave [T], got "
-                   f"{array.dtype} {array.shape}" + (f" {array!r}" if array.ndim == 0 else ""))
-
-
-def duration_ratio(gen_samples, ref_samples) -> float:
-  """Duration of a generated clip over its reference's (same sample rate): 1 is ideal.
-
-  Args:
-    gen_samples, ref_samples: each a sample count (an int) or a mono wave ``[T]``.
-  Raises:
-    ValueError: for other inputs or an empty reference.
-  """
-  gen, ref = _num_samples(gen_samples, "gen_samples"), _num_samples(ref_samples, "ref_samples")
-  if ref == 0:
-    raise ValueError("duration_ratio: the reference has 0 samples")
-  return gen / ref
+# The format name in the meta of every file save writes: the module's name before it was
+# split out of audio/metrics.py, kept so that saved classifiers still load.
+FILE_FORMAT = "resgen_jax.audio.metrics.speech_classifier"
+FILE_VERSION = 1
 
 
 def word_targets(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
@@ -229,36 +85,6 @@ def word_targets(texts: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
       if token in index:
         targets[n, index[token]] = True
   return targets
-
-
-# --------------------------------------------------------------------------------------
-# Speaker / word classifier on log-mels
-
-KINDS = ("speaker", "words")
-CONV_WIDTHS = (64, 64, 64)  # output channels of the 1-D convolutions over time
-CONV_STRIDES = (1, 2, 2)  # 62.5 frames/s -> 15.6 feature frames/s before pooling
-# Kernel over frames (odd, so that output frame t is centred on input frame stride * t):
-# 5 frames at stride 1, 2, 2 give a receptive field of 29 frames, about 0.46 s at 16 ms.
-KERNEL_FRAMES = 5
-# Floor of a mel bin's standard deviation: a bin constant over the training data (at the
-# log floor, say) would otherwise be divided by ~0 and blow up on any other input.
-STD_FLOOR = 1e-3
-# A words prediction is the set of words with probability above this.
-WORD_THRESHOLD = 0.5
-
-# Training defaults, not yet calibrated on real speech: check the held-out score with
-# :func:`score` and raise num_steps if it is still climbing.
-NUM_STEPS = 1000
-BATCH_SIZE = 32
-LEARNING_RATE = 3e-3
-WEIGHT_DECAY = 1e-4
-PREDICT_BATCH_SIZE = 64
-# Prediction pads a call's clips to its longest, rounded up to a multiple of this many
-# frames (about 1 s), so that calls on similar clips share one compilation.
-PREDICT_FRAME_QUANTUM = 64
-
-FILE_FORMAT = "resgen_jax.audio.metrics.speech_classifier"  # the meta of every file save writes
-FILE_VERSION = 1
 
 
 class SpeechClassifier(nn.Module):
@@ -418,24 +244,6 @@ def _loss(kind: str, logits, targets):
   return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
 
 
-def _make_train_step(kind: str, num_classes: int, optimizer: optax.GradientTransformation):
-  """-> jitted ``(params, opt_state, mean, std, log_mels, valid, targets) -> (params,
-  opt_state)``."""
-
-  def loss_fn(params, mean, std, log_mels, valid, targets):
-    logits, _ = SpeechClassifier(num_classes, mean, std).apply(
-        {"params": params}, log_mels, valid)
-    return _loss(kind, logits, targets)
-
-  @jax.jit
-  def step(params, opt_state, mean, std, log_mels, valid, targets):
-    grads = jax.grad(loss_fn)(params, mean, std, log_mels, valid, targets)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
-
-
 def train_speech_classifier(log_mels: Sequence[np.ndarray], targets, kind: str,
                             num_classes: int, num_steps: int = NUM_STEPS,
                             batch_size: int = BATCH_SIZE,
@@ -484,16 +292,19 @@ def train_speech_classifier(log_mels: Sequence[np.ndarray], targets, kind: str,
   model = SpeechClassifier(num_classes, mean, std)
   dummy, dummy_valid = pad_clips(clips[:1], frames)
   params = model.init(jax.random.PRNGKey(seed), dummy, dummy_valid)["params"]
-  optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps),
-                          weight_decay=weight_decay)
-  opt_state = optimizer.init(params)
-  step = _make_train_step(kind, num_classes, optimizer)
-  rng = np.random.default_rng(seed)
-  for indices in classifier_lib.batch_indices(rng, len(clips), batch_size, num_steps):
-    batch, valid = pad_clips([_crop(rng, clips[n], frames) for n in indices], frames)
-    params, opt_state = step(params, opt_state, mean, std, batch, valid, targets[indices])
-  return SpeechClassifierParams(kind, int(num_classes), mean, std, jax.device_get(params),
-                                class_names)
+
+  def loss_fn(params, mean, std, log_mels, valid, targets):
+    logits, _ = SpeechClassifier(num_classes, mean, std).apply(
+        {"params": params}, log_mels, valid)
+    return _loss(kind, logits, targets)
+
+  rng = np.random.default_rng(seed)  # the batch order and the crops, drawn in turn
+  batches = ((mean, std,
+              *pad_clips([_crop(rng, clips[n], frames) for n in indices], frames),
+              targets[indices])
+             for indices in fitting.batch_indices(rng, len(clips), batch_size, num_steps))
+  params = fitting.fit(loss_fn, params, batches, num_steps, learning_rate, weight_decay)
+  return SpeechClassifierParams(kind, int(num_classes), mean, std, params, class_names)
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")
@@ -571,11 +382,8 @@ def save(path: str, classifier: SpeechClassifierParams) -> None:
               conv_widths=list(CONV_WIDTHS),
               class_names=None if classifier.class_names is None
               else list(classifier.class_names))
-  files.save_bytes(path, serialization.to_bytes({
-      "meta": json.dumps(meta, sort_keys=True),
-      "mean": np.asarray(classifier.mean, np.float32),
-      "std": np.asarray(classifier.std, np.float32),
-      "params": jax.device_get(classifier.params)}))
+  fitting.save_versioned(path, meta, mean=np.asarray(classifier.mean, np.float32),
+                         std=np.asarray(classifier.std, np.float32), params=classifier.params)
 
 
 def _check_contents(meta: dict, mean, std, params) -> None:
@@ -593,17 +401,11 @@ def _check_contents(meta: dict, mean, std, params) -> None:
   names = meta["class_names"]
   if names is not None and len(names) != meta["num_classes"]:
     raise ValueError(f"{len(names)} class names for {meta['num_classes']} classes")
-  if not isinstance(params, dict):
-    raise ValueError(f"parameters are a {type(params).__name__}, not a tree of arrays")
   model = SpeechClassifier(meta["num_classes"], jnp.zeros(n_mels), jnp.ones(n_mels))
   dummy = jnp.zeros((1, 8, n_mels), jnp.float32)
-  expected = classifier_lib.param_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy,
-                                          jnp.ones((1, 8), bool))["params"])
-  found = classifier_lib.param_shapes(params)
-  if found != expected:
-    raise ValueError(f"parameter shapes {found} do not fit a SpeechClassifier with "
-                     f"num_classes={meta['num_classes']} on {n_mels} mel bins, which has "
-                     f"{expected}")
+  fitting.check_param_shapes(
+      params, lambda: model.init(jax.random.PRNGKey(0), dummy, jnp.ones((1, 8), bool))["params"],
+      f"a SpeechClassifier with num_classes={meta['num_classes']} on {n_mels} mel bins")
 
 
 def load(path: str) -> SpeechClassifierParams:
@@ -613,8 +415,8 @@ def load(path: str) -> SpeechClassifierParams:
   classifier file or whose arrays do not fit its metadata; both name ``path``.
   """
   try:
-    contents, meta = classifier_lib.read_versioned(path, FILE_FORMAT, FILE_VERSION,
-                                                   "speech classifier")
+    contents, meta = fitting.read_versioned(path, FILE_FORMAT, FILE_VERSION,
+                                            "speech classifier")
     mean, std, params = contents["mean"], contents["std"], contents["params"]
     _check_contents(meta, mean, std, params)
   except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -647,22 +449,21 @@ def get_or_train(path: str, load_data: Callable[[], Tuple[Sequence[np.ndarray], 
   """
   _check_kind(kind, num_classes)
   names = None if class_names is None else tuple(str(c) for c in class_names)
-  if os.path.exists(path):
-    classifier = load(path)
-    wanted = dict(kind=kind, num_classes=int(num_classes))
-    found = dict(kind=classifier.kind, num_classes=classifier.num_classes)
-    if n_mels is not None:
-      wanted["n_mels"], found["n_mels"] = int(n_mels), classifier.n_mels
-    if names is not None:
-      wanted["class_names"], found["class_names"] = names, classifier.class_names
-    if found != wanted:
-      raise ValueError(f"{path} holds a speech classifier with {found}, but this run needs "
-                       f"{wanted}; remove the file to train a new one")
-    return classifier
-  log_mels, targets = load_data()
+  wanted = dict(kind=kind, num_classes=int(num_classes))
   if n_mels is not None:
-    check_clips(log_mels, "training log_mels", int(n_mels))
-  classifier = train_speech_classifier(log_mels, targets, kind, num_classes,
-                                       class_names=names, **train_kwargs)
-  save(path, classifier)
-  return classifier
+    wanted["n_mels"] = int(n_mels)
+  if names is not None:
+    wanted["class_names"] = names
+
+  def train() -> SpeechClassifierParams:
+    log_mels, targets = load_data()
+    if n_mels is not None:
+      check_clips(log_mels, "training log_mels", int(n_mels))
+    return train_speech_classifier(log_mels, targets, kind, num_classes, class_names=names,
+                                   **train_kwargs)
+
+  return fitting.get_or_train(
+      path, "speech classifier", wanted, load=load,
+      describe=lambda c: dict(kind=c.kind, num_classes=c.num_classes, n_mels=c.n_mels,
+                              class_names=c.class_names),
+      train=train, save=save)
