@@ -229,7 +229,7 @@ def sampler_config() -> ml_collections.ConfigDict:
 
 
 def synth_config() -> ml_collections.ConfigDict:
-  """Zero-shot speech synthesis (``--mode=synthesize``, audio/tts.py)."""
+  """Zero-shot speech synthesis (``--mode=synthesize``, audio/synthesis.py)."""
   return ml_collections.ConfigDict(dict(
       text="",  # what to say
       prompt_wav="",  # a WAV of the voice to speak it in (about 3 s; 16-bit PCM, any rate)

@@ -25,7 +25,8 @@ LAYERS = (
     # 5: configs and their checks
     ("config_base", "config_checks"),
     # 6: the stages of a run
-    ("stages.", "stages", "audio.tts", "audio.evaluation", "audio.stages"),
+    ("stages.", "stages", "audio.speech_tokens", "audio.tts", "audio.synthesis",
+     "audio.evaluation", "audio.stages"),
     # 7: entry points: CLI, Python API, sweeps
     ("main", "api", "audio.api", "runs", "sweep"),
 )

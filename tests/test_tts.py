@@ -12,7 +12,7 @@ import pytest
 from conftest import CHILD_JAX_ENV
 from resgen_jax import stages
 from resgen_jax.audio import codec as codec_lib
-from resgen_jax.audio import espeak, frontend, tts
+from resgen_jax.audio import espeak, frontend, speech_tokens, synthesis, tts
 from resgen_jax.audio import evaluation as tts_eval
 from resgen_jax.train import mesh as mesh_lib
 
@@ -43,7 +43,7 @@ def test_training_steps_and_token_cache(run):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = f.read()
   assert '"stage": "tokenizer"' in rows and '"stage": "generator"' in rows
-  report = tts.load_speech_tokens(workdir, "train")
+  report = speech_tokens.load_speech_tokens(workdir, "train")
   assert report["codes"].shape[-1] == 4 and len(report["texts"]) == len(report["lengths"])
   codec = codec_lib.SpeechCodec(config.tokenizer, config.audio)
   utterances, mels = tts.split_mels(config, "train")
@@ -84,15 +84,15 @@ def test_batch_synthesis_from_a_manifest_keeps_existing_outputs(run, tmp_path):
   os.makedirs(out_dir)
   (out_dir / "first.wav").write_bytes(b"kept")
   mesh = mesh_lib.make_mesh(("data",), (-1,))
-  paths = tts.run_synthesize(config, workdir, mesh)
+  paths = synthesis.run_synthesize(config, workdir, mesh)
   assert paths == [str(out_dir / "first.wav"), str(out_dir / "second.wav")]
   assert (out_dir / "first.wav").read_bytes() == b"kept"
   wave, _ = frontend.read_wav(str(out_dir / "second.wav"))
   codec, codec_state, task, _, tokenizer = tts.load_generator(config, workdir, mesh)
-  prompt_codes = tts.read_prompt(prompt, codec, codec_state, config.audio)
-  frames = tts.speaking_rate_frames(len(prompt_codes), "one two three four",
+  prompt_codes = synthesis.read_prompt(prompt, codec, codec_state, config.audio)
+  frames = synthesis.speaking_rate_frames(len(prompt_codes), "one two three four",
                                     "six seven eight nine", tokenizer)
-  assert frames > tts.speaking_rate_frames(len(prompt_codes), "one two three four", "five",
+  assert frames > synthesis.speaking_rate_frames(len(prompt_codes), "one two three four", "five",
                                            tokenizer)
   assert wave.shape == (frames * codec.downsample * config.audio.hop_length,)
 
@@ -101,33 +101,33 @@ def test_bad_prompts_and_texts_get_clear_errors(run, tmp_path):
   config, workdir, prompt = run
   mesh = mesh_lib.make_mesh(("data",), (-1,))
   codec, codec_state, task, _, tokenizer = tts.load_generator(config, workdir, mesh)
-  codes = tts.read_prompt(prompt, codec, codec_state, config.audio)
+  codes = synthesis.read_prompt(prompt, codec, codec_state, config.audio)
   limits = dict(tokenizer=tokenizer, num_positions=task.num_positions,
                 max_text_length=config.text.max_length, codec=codec, audio_cfg=config.audio)
   long_prompt = np.zeros((task.num_positions, codes.shape[1]), np.int32)
   with pytest.raises(ValueError, match="maximum length"):
-    tts.make_request("x", long_prompt, "one", "two", **limits)
+    synthesis.make_request("x", long_prompt, "one", "two", **limits)
   with pytest.raises(ValueError, match="exceed the model's maximum length"):
-    tts.make_request("x", codes, "one", "two", seconds=30.0, **{
+    synthesis.make_request("x", codes, "one", "two", seconds=30.0, **{
         k: v for k, v in limits.items()})
   with pytest.raises(ValueError, match="empty"):
-    tts.make_request("x", codes, "one two", "   ", **limits)
+    synthesis.make_request("x", codes, "one two", "   ", **limits)
   with pytest.raises(ValueError, match="#"):
-    tts.make_request("x", codes, "one two", "three # four", **limits)
+    synthesis.make_request("x", codes, "one two", "three # four", **limits)
   silent = str(tmp_path / "silent.wav")
   frontend.write_wav(silent, np.zeros(8000), 16000)
   with pytest.raises(ValueError, match="silent"):
-    tts.read_prompt(silent, codec, codec_state, config.audio)
+    synthesis.read_prompt(silent, codec, codec_state, config.audio)
   corrupt = tmp_path / "corrupt.wav"
   corrupt.write_bytes(b"RIFF....WAVEjunk")
   with pytest.raises(ValueError, match="corrupt.wav"):
-    tts.read_prompt(str(corrupt), codec, codec_state, config.audio)
+    synthesis.read_prompt(str(corrupt), codec, codec_state, config.audio)
   with pytest.raises(FileNotFoundError, match="missing.wav"):
-    tts.read_prompt(str(tmp_path / "missing.wav"), codec, codec_state, config.audio)
+    synthesis.read_prompt(str(tmp_path / "missing.wav"), codec, codec_state, config.audio)
   config = config.copy_and_resolve_references()
   config.synth.text = "two"
   with pytest.raises(ValueError, match="synth.prompt_wav, synth.prompt_text"):
-    tts.run_synthesize(config, workdir, mesh)
+    synthesis.run_synthesize(config, workdir, mesh)
 
 
 def test_zero_shot_evaluation_exports_both_tasks(run):
@@ -171,7 +171,7 @@ def test_python_api_speaks_as_the_synthesize_stage(run, tmp_path):
   stage.synth.update(text="six seven", prompt_wav=prompt, prompt_text="one two three four",
                      seconds=0.6, output=str(tmp_path / "stage.wav"))
   mesh = mesh_lib.make_mesh(("data",), (-1,))
-  tts.run_synthesize(stage, workdir, mesh)
+  synthesis.run_synthesize(stage, workdir, mesh)
   wave, rate = frontend.read_wav(str(tmp_path / "stage.wav"))
   assert speech.sample_rate == rate and speech.wave.shape == wave.shape
   np.testing.assert_allclose(speech.wave, wave, atol=2 / 2 ** 15)

@@ -8,7 +8,7 @@
     speech.wave, speech.sample_rate                # float32 [S], the generated speech alone
     speech.log_mels                                # [F, n_mels]: prompt and generated frames
 
-The same code as ``--mode=synthesize`` (:class:`tts.Synthesizer`): with the run's sampler
+The same code as ``--mode=synthesize`` (:class:`synthesis.Synthesizer`): with the run's sampler
 settings the wave equals the stage's WAV. Loading needs only the workdir.
 """
 
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from resgen_jax import runs
-from resgen_jax.audio import frontend, tts
+from resgen_jax.audio import frontend, synthesis, tts
 from resgen_jax.utils import files
 
 # A prompt: a WAV file's path or ``(wave float [T], sample rate in Hz)``.
@@ -70,12 +70,12 @@ class SpeechRun:
      self.tokenizer) = tts.load_generator(self.config, workdir, self.mesh)
     self.sample_rate = self.config.audio.sample_rate
     self.vocoder = vocoder
-    self._synthesizers: Dict[str, tts.Synthesizer] = {}
+    self._synthesizers: Dict[str, synthesis.Synthesizer] = {}
 
   def prompt_codes(self, prompt: Prompt) -> np.ndarray:
     """A prompt clip (path or ``(wave, rate)``) -> its token frames ``[L_p, D]``."""
     if isinstance(prompt, str):
-      return tts.read_prompt(prompt, self.codec, self.codec_state, self.config.audio)
+      return synthesis.read_prompt(prompt, self.codec, self.codec_state, self.config.audio)
     if not (isinstance(prompt, tuple) and len(prompt) == 2):
       raise ValueError("prompt_wav must be a WAV path or a (wave, sample_rate) tuple, got "
                        f"{type(prompt).__name__}")
@@ -86,15 +86,15 @@ class SpeechRun:
     if not np.all(np.isfinite(wave)):
       raise ValueError("prompt_wav: the wave holds non-finite values")
     try:
-      return tts.prompt_codes_from_wave(wave, int(rate), self.codec, self.codec_state,
+      return synthesis.prompt_codes_from_wave(wave, int(rate), self.codec, self.codec_state,
                                         self.config.audio)
     except ValueError as e:
       raise ValueError(f"prompt_wav: {e}") from e
 
-  def _synthesizer(self, config) -> tts.Synthesizer:
+  def _synthesizer(self, config) -> synthesis.Synthesizer:
     key = files.settings_hash(config.sampler.to_dict())
     if key not in self._synthesizers:
-      self._synthesizers[key] = tts.Synthesizer(
+      self._synthesizers[key] = synthesis.Synthesizer(
           config, self.codec, self.codec_state, self.task, self.state, self.tokenizer,
           self.mesh, 1, self.vocoder)
     return self._synthesizers[key]
@@ -119,7 +119,7 @@ class SpeechRun:
     config = runs.sampler_config(self.config, self.mesh, 1, None, seed, steps=steps,
                                 cfg_scale=cfg_scale, temperature=temperature, top_p=top_p,
                                 **sampler_settings)
-    request = tts.make_request(
+    request = synthesis.make_request(
         "synthesize", self.prompt_codes(prompt_wav), prompt_text, text, self.tokenizer,
         self.task.num_positions, config.text.max_length, self.codec, config.audio, seconds)
     result, = self._synthesizer(config)([request])

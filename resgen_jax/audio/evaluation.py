@@ -12,7 +12,7 @@ cross-sentence task and the training data of the speaker classifier.
   distortion compares the continuation with the real rest of the utterance.
 * ``cross_sentence``: the prompt is a reference of the same speaker (a speaker's k-th target
   takes its k-th reference, cyclically), the text the reference's transcript then the
-  target's, the length from the prompt's speaking rate (:func:`tts.make_request`). The
+  target's, the length from the prompt's speaking rate (:func:`synthesis.make_request`). The
   exported WAV is the generated target alone.
 
 Layout under ``DIR/tts_eval/<tag>/<task>/``:
@@ -45,7 +45,8 @@ import jax
 import numpy as np
 
 from resgen_jax.audio import codec as codec_lib
-from resgen_jax.audio import corpus, distortion, frontend, speech_classifier, tts
+from resgen_jax.audio import corpus, distortion, frontend, speech_classifier, speech_tokens
+from resgen_jax.audio import synthesis, tts
 from resgen_jax.audio import text as text_lib
 from resgen_jax.utils import files
 
@@ -102,7 +103,8 @@ def continuation_requests(config, utterances, codes, targets, codec, num_positio
     length = codes[i].shape[0]
     text = text_lib.normalize_text(utterances[i].text)
     if prompt < length <= num_positions and len(tokenizer.encode(text)) <= config.text.max_length:
-      out.append((i, tts.Request(utterances[i].uid, codes[i][:prompt], text, length - prompt)))
+      out.append((i, synthesis.Request(utterances[i].uid, codes[i][:prompt], text,
+                                       length - prompt)))
   return out
 
 
@@ -116,7 +118,7 @@ def cross_sentence_requests(config, utterances, codes, targets, prompt_of, codec
       continue
     ref = prompt_of[i]
     try:
-      request = tts.make_request(utterances[i].uid, codes[ref], utterances[ref].text,
+      request = synthesis.make_request(utterances[i].uid, codes[ref], utterances[ref].text,
                                  utterances[i].text, tokenizer, num_positions,
                                  config.text.max_length, codec, config.audio)
     except ValueError as e:
@@ -183,11 +185,11 @@ def run_evaluate(config, workdir: str, mesh) -> Dict:
       return json.load(f)
   codec, codec_state, task, state, tokenizer = tts.load_generator(config, workdir, mesh)
   utterances, mels = tts.split_mels(config, config.data.eval_split)
-  cached = tts.load_speech_tokens(workdir, config.data.eval_split)
+  cached = speech_tokens.load_speech_tokens(workdir, config.data.eval_split)
   if list(cached["uids"]) != [u.uid for u in utterances]:
     raise ValueError(f"the cached {config.data.eval_split} tokens in {workdir} are not those "
-                     f"of this corpus; remove {os.path.dirname(tts.meta_path(workdir))} and "
-                     f"encode again")
+                     f"of this corpus; remove "
+                     f"{os.path.dirname(speech_tokens.meta_path(workdir))} and encode again")
   codes = [c[:n].astype(np.int32) for c, n in zip(cached["codes"], cached["lengths"])]
   targets, references, prompt_of = split_roles(utterances)
   limit = config.evaluation.tts_max_utterances or None
@@ -202,7 +204,7 @@ def run_evaluate(config, workdir: str, mesh) -> Dict:
                      f"needs targets longer than the prompt that fit the model")
   speakers, speaker_index = speaker_classifier(config, workdir, utterances, references, mels)
   words = word_classifier(config, workdir) if config.data.name == "espeak" else None
-  synthesizer = tts.Synthesizer(config, codec, codec_state, task, state, tokenizer, mesh,
+  synthesizer = synthesis.Synthesizer(config, codec, codec_state, task, state, tokenizer, mesh,
                                 config.synth.batch_size)
   sr, samples_per_frame = config.audio.sample_rate, codec.downsample * config.audio.hop_length
   report = {"eval_split": config.data.eval_split, "tag": eval_tag(config)}
