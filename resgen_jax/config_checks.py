@@ -130,7 +130,7 @@ def check_config(config: ml_collections.ConfigDict, stages: Iterable[str]) -> No
                          f"split) or >= 2 (a covariance), got {reference}")
   check_modality_data(config)
   image = config.modality == "image"
-  if image and "encode" in stages and config.tokenizer.encode_chunk_batches < 1:
+  if "encode" in stages and config.tokenizer.encode_chunk_batches < 1:
     raise ValueError(f"tokenizer.encode_chunk_batches must be >= 1, got "
                      f"{config.tokenizer.encode_chunk_batches}")
   if image and ("sample" in stages or "evaluate" in stages):

@@ -2,6 +2,7 @@
 steps, token caching, the synthesis CLI, batch synthesis, the zero-shot evaluation export,
 and the errors bad prompts and texts get."""
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,44 @@ def test_training_steps_and_token_cache(run):
   assert [u.uid for u in utterances] == list(report["uids"])
   np.testing.assert_array_equal(report["lengths"], [codec.latent_frames(m.shape[0])
                                                     for m in mels])
+  # The mesh-sharded chunks hold what encoding each utterance whole gives, zero past its end.
+  mesh = mesh_lib.make_mesh(("data",), (-1,))
+  codec_task, codec_state = tts.load_codec(config, workdir, mesh)
+  whole = codec_lib.encode_utterances(codec_task.tok, codec_state.params["autoencoder"],
+                                      codec_state.model_state["codebook"].codebooks, mels, 4)
+  for codes, length, expected in zip(report["codes"], report["lengths"], whole):
+    np.testing.assert_array_equal(codes[:length], expected)
+    assert not codes[length:].any()
+
+
+def test_a_token_cache_of_the_old_layout_is_read_and_not_encoded_again(run, tmp_path):
+  """A workdir whose speech tokens are one ``speech_<split>.npz`` per split (before the
+  shared chunk format) resumes: the encode stage keeps it and the generator reads it."""
+  config, workdir, _ = run
+  old = str(tmp_path / "old")
+  os.makedirs(os.path.join(old, "tokens"))
+  for name in ("tokenizer", "config.json"):
+    os.symlink(os.path.join(workdir, name), os.path.join(old, name))
+  splits = (config.data.train_split, config.data.eval_split)
+  for split in splits:
+    np.savez(speech_tokens.legacy_path(old, split),
+             **speech_tokens.load_speech_tokens(workdir, split))
+  np.savez(speech_tokens.codebooks_path(old), codebooks=speech_tokens.load_codebooks(workdir))
+  with open(speech_tokens.meta_path(workdir)) as f:
+    meta = json.load(f)
+  legacy = {k: v for k, v in meta.items() if k not in ("process_count", "corpus")}
+  with open(speech_tokens.meta_path(old), "w") as f:
+    json.dump(dict(legacy, data=meta["corpus"]), f)
+  before = sorted(os.listdir(os.path.join(old, "tokens")))
+  stages.run(config, old, ("encode",))
+  assert sorted(os.listdir(os.path.join(old, "tokens"))) == before
+  for split in splits:
+    for key, value in speech_tokens.load_speech_tokens(workdir, split).items():
+      np.testing.assert_array_equal(speech_tokens.load_speech_tokens(old, split)[key], value)
+  with open(speech_tokens.meta_path(old), "w") as f:
+    json.dump(dict(legacy, data=dict(meta["corpus"], max_seconds=99.0)), f)
+  with pytest.raises(ValueError, match="another codec or corpus"):
+    stages.run(config, old, ("encode",))
 
 
 def test_synthesize_cli_writes_a_wav_of_the_expected_length(run, tmp_path):

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Callable
 
 import jax
@@ -39,7 +40,7 @@ import numpy as np
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import corpus, frontend, speech_tokens
 from resgen_jax.audio import text as text_lib
-from resgen_jax.codec import rvq
+from resgen_jax.codec import rvq, token_cache
 from resgen_jax.data import pipeline as data_pipeline
 from resgen_jax.generator.task import GeneratorTask
 from resgen_jax.train import mesh as mesh_lib
@@ -47,7 +48,7 @@ from resgen_jax.train import preemption, trainer
 from resgen_jax.utils import files
 
 RESULTS_FILE = "results.json"
-ENCODE_BATCH = 32  # utterances per codec call when encoding a corpus
+ENCODE_BATCH = 32  # utterances per codec call in the codec's report
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,39 +140,49 @@ def load_codec(config, workdir: str, mesh):
 
 
 def run_encode(config, workdir: str, mesh) -> None:
-  """Encodes the train and eval splits' utterances into ``DIR/tokens`` (once)."""
+  """Encodes the train and eval splits' utterances into the token cache ``DIR/tokens``
+  (``audio/speech_tokens.py``): batches of ``tokenizer.train.eval_batch_size`` utterances
+  sharded over the mesh, each process writing its rows a chunk of
+  ``tokenizer.encode_chunk_batches`` batches at a time, so a preempted encoding resumes
+  after its last complete chunk."""
   task, state = load_codec(config, workdir, mesh)
   if int(state.step) < config.tokenizer.train.num_steps:
     raise ValueError(f"the codec in {workdir} has trained {int(state.step)} of "
                      f"{config.tokenizer.train.num_steps} steps; finish its training first")
-  meta = dict(speech_tokens.SPEECH_META, depth=task.tok.depth, codebook_size=task.tok.codebook_size,
-              downsample=task.tok.downsample, tokenizer_step=int(state.step),
-              audio=config.audio.to_dict(),
-              data={k: v for k, v in config.data.to_dict().items()
-                    if k not in ("data_dir", "download")})  # where, not what
+  codec = task.tok
+  meta = speech_tokens.cache_meta(config, codec, int(state.step))
   splits = (config.data.train_split, config.data.eval_split)
-  meta_file = speech_tokens.meta_path(workdir)
-  if os.path.exists(meta_file):
-    with open(meta_file) as f:
-      saved = json.load(f)
-    if json.loads(json.dumps(meta)) != saved:
-      raise ValueError(f"{meta_file} describes tokens of another codec or corpus; "
-                       f"remove {os.path.dirname(meta_file)} to encode again")
-    if all(os.path.exists(speech_tokens.cache_path(workdir, s)) for s in splits):
-      logging.info("speech tokens already cached in %s", os.path.dirname(meta_file))
-      return
-  params = state.params["autoencoder"]
-  books = state.model_state["codebook"].codebooks
+  if (speech_tokens.legacy_cached(workdir, splits, meta)
+      or token_cache.is_cached(workdir, splits, meta)):
+    logging.info("speech tokens already cached in %s",
+                 os.path.dirname(speech_tokens.meta_path(workdir)))
+    return
+  params, books = state.params["autoencoder"], state.model_state["codebook"].codebooks
+  host_books = mesh_lib.to_host(books, mesh)
+  encode = jax.jit(codec.encode, out_shardings=mesh_lib.batch_sharding(mesh))
+  batch = config.tokenizer.train.eval_batch_size
+  mesh_lib.check_batch_size(batch, mesh)
+  pid, count = jax.process_index(), jax.process_count()
+  token_cache.begin_encoding(workdir, meta)
   for split in splits:
     utterances, mels = split_mels(config, split)
-    codes = codec_lib.encode_utterances(task.tok, params, books, mels, ENCODE_BATCH)
-    if jax.process_index() == 0:
-      speech_tokens.write_speech_tokens(speech_tokens.cache_path(workdir, split), utterances, codes)
-    logging.info("encoded %d %s utterances", len(codes), split)
-  if jax.process_index() == 0:
-    files.save_npz(speech_tokens.codebooks_path(workdir),
-                   codebooks=np.asarray(mesh_lib.to_host(books, mesh), np.float32))
-    files.save_json(meta_file, meta)
+    frames = codec.padded_frames(max(m.shape[0] for m in mels) + codec_lib.ENCODE_MARGIN_FRAMES)
+    lengths = [codec.latent_frames(m.shape[0]) for m in mels]
+
+    def encode_local(rows):
+      codes = mesh_lib.local_rows(encode(params, books, mesh_lib.global_batch(
+          {"mel": rows["mel"]}, mesh)["mel"]))
+      return speech_tokens.utterance_rows(codes[:, :max(lengths)], rows["index"],
+                                          utterances, lengths)
+
+    batches_from = lambda start: speech_tokens.utterance_batches(
+        mels, batch, frames, config.audio, start, pid, count)
+    start = time.time()
+    encoded = token_cache.encode_split(workdir, split, encode_local, batches_from,
+                                       codec.codebook_size, config.tokenizer.encode_chunk_batches)
+    logging.info("encoded %d %s utterances on process %d in %.1f s", encoded, split, pid,
+                 time.time() - start)
+  token_cache.write_meta(workdir, meta, host_books)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Layout under ``DIR/tokens/``:
   ``{split}.{p:05d}-of-{P:05d}.{c:05d}.npz``: chunk ``c`` of process ``p`` of ``P``: ``codes``
-      int16/int32 ``[N_pc, h, w, D]`` and ``labels`` int32 ``[N_pc]`` of the examples of that
-      process's slices of ``num_batches`` sequential evaluation batches from ``first_batch``
-      (order does not matter for training). Caches written before chunks existed hold one
+      int16/int32 ``[N_pc, ...]`` and the per-example fields beside them (images: codes
+      ``[N_pc, h, w, D]`` and ``labels`` int32 ``[N_pc]``; speech, ``audio/speech_tokens.py``:
+      padded frames, lengths, texts, speakers) of the examples of that process's slices of
+      ``num_batches`` sequential batches from ``first_batch`` (order does not matter for
+      training). Caches written before chunks existed hold one
       ``{split}.{p:05d}-of-{P:05d}.npz`` per process; both are read.
   ``encoding.json``: the meta of an encoding in progress: its chunks resume only under it.
   ``meta.json``: grid shape, depth, codebook size, the tokenizer step the codes come from,
@@ -45,6 +47,7 @@ TOKENS_DIR = "tokens"
 META_FILE = "meta.json"
 CODEBOOKS_FILE = "codebooks.npz"
 PENDING_FILE = "encoding.json"
+CHUNK_RECORDS = ("first_batch", "num_batches")  # what a chunk file holds about itself
 INT16_MAX_CODES = 2 ** 15  # codes fit int16 (half the disk) below this codebook size
 # A zip local file header: signature, then fixed fields up to the name and extra lengths at
 # bytes 26-29 (PKWARE APPNOTE 4.3.7); the member's data follows the name and extra field.
@@ -125,8 +128,10 @@ def encode_split(workdir: str, split: str, encode_fn: Callable,
   complete chunk; polls for preemption between batches (a partial chunk is not written).
 
   Args:
-    encode_fn: maps a local batch dict (``image``, ``label``, ``valid``) to this process's
-      codes ``[B/P, h, w, D]`` (numpy).
+    encode_fn: maps a local batch dict (with ``valid``, bool ``[B/P]``) to this process's
+      rows: a dict of arrays ``[B/P, ...]`` holding ``codes`` and any per-example fields
+      (images: ``labels``; speech: lengths, texts, speakers). Rows not ``valid`` (padding)
+      are dropped; the codes are stored as int16 below ``INT16_MAX_CODES`` codes.
     batches_from: ``start_batch -> `` this process's local batches of the pass from there.
   Returns:
     how many valid examples this call encoded (0 when the split was already complete).
@@ -134,24 +139,24 @@ def encode_split(workdir: str, split: str, encode_fn: Callable,
   dtype = np.int16 if codebook_size <= INT16_MAX_CODES else np.int32
   chunk, first = resume_point(workdir, split)
   index, count = jax.process_index(), jax.process_count()
-  codes, labels, encoded = [], [], 0
+  rows, encoded = [], 0
 
   def flush(end: int) -> None:
-    nonlocal chunk, first, codes, labels, encoded
-    files.save_npz(chunk_path(workdir, split, index, count, chunk),
-                   codes=np.concatenate(codes), labels=np.concatenate(labels),
+    nonlocal chunk, first, rows, encoded
+    fields = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    files.save_npz(chunk_path(workdir, split, index, count, chunk), **fields,
                    first_batch=np.int64(first), num_batches=np.int64(end - first))
-    encoded += sum(len(l) for l in labels)
-    chunk, first, codes, labels = chunk + 1, end, [], []
+    encoded += len(fields["codes"])
+    chunk, first, rows = chunk + 1, end, []
 
   for number, batch in enumerate(preemption.checked(batches_from(first)), start=first):
     valid = np.asarray(batch["valid"], bool)
-    codes.append(np.asarray(encode_fn(batch))[valid].astype(dtype))
-    labels.append(np.asarray(batch["label"])[valid].astype(np.int32))
+    out = {k: np.asarray(v)[valid] for k, v in encode_fn(batch).items()}
+    rows.append(dict(out, codes=out["codes"].astype(dtype)))
     if number + 1 - first == chunk_batches:
       flush(number + 1)
-  if codes:
-    flush(first + len(codes))
+  if rows:
+    flush(first + len(rows))
   return encoded
 
 
@@ -195,15 +200,23 @@ def split_files(workdir: str, split: str) -> list:
   return paths
 
 
-def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """All token files of a split, in memory: codes int32 ``[N, h, w, D]``, labels int32
-  ``[N]``."""
-  codes, labels = [], []
+def load_fields(workdir: str, split: str) -> dict:
+  """Every per-example field of a split's token files (``codes`` and what the encoding
+  stored beside them), concatenated in file order, in memory."""
+  fields = {}
   for path in split_files(workdir, split):
     with np.load(path, allow_pickle=False) as data:
-      codes.append(data["codes"].astype(np.int32))
-      labels.append(data["labels"].astype(np.int32))
-  return np.concatenate(codes), np.concatenate(labels)
+      for name in data.files:
+        if name not in CHUNK_RECORDS:
+          fields.setdefault(name, []).append(data[name])
+  return {name: np.concatenate(parts) for name, parts in fields.items()}
+
+
+def load_tokens(workdir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """All token files of an image split, in memory: codes int32 ``[N, h, w, D]``, labels
+  int32 ``[N]``."""
+  fields = load_fields(workdir, split)
+  return fields["codes"].astype(np.int32), fields["labels"].astype(np.int32)
 
 
 def map_npz_member(path: str, name: str) -> np.ndarray:

@@ -44,9 +44,7 @@ def run(config, workdir: str, mesh) -> None:
 
   def encode_local(batch):
     codes = encode(params, books, mesh_lib.global_batch({"image": batch["image"]}, mesh)["image"])
-    shards = sorted((s for s in codes.addressable_shards if s.replica_id == 0),
-                    key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+    return {"codes": mesh_lib.local_rows(codes), "labels": np.asarray(batch["label"], np.int32)}
 
   token_cache.begin_encoding(workdir, meta)
   for split, batches_from in passes.items():

@@ -125,6 +125,15 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array ``[B, ...]`` -> numpy ``[B / P,
+  ...]`` in global order: the inverse of :func:`global_batch` (one copy of each row, however
+  the other mesh axes replicate it)."""
+  shards = sorted((s for s in array.addressable_shards if s.replica_id == 0),
+                  key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 @functools.lru_cache(maxsize=None)
 def _replicator(mesh: Mesh):
   return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
