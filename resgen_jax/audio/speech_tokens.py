@@ -15,8 +15,8 @@ front end, corpus, process count). Caches of the old layout (one ``speech_<split
 split, written by process 0) are still read.
 
 :func:`speech_token_source` fits a split to the generator (frames, text tokens) as a
-random-access source, and :class:`SpeechTokenBatches` draws its shuffled, resumable
-per-process batches in the image pipeline's order.
+random-access source; ``token_cache.TokenBatches`` draws its shuffled, resumable
+per-process batches (through :func:`flat_batch`) as it does the images'.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import numpy as np
 from resgen_jax.audio import codec as codec_lib
 from resgen_jax.audio import corpus
 from resgen_jax.codec import token_cache
-from resgen_jax.data import pipeline as data_pipeline
 
 TOKENS_DIR = token_cache.TOKENS_DIR
 SPEECH_META = {"kind": "speech"}  # marks a token cache of speech utterances
@@ -199,25 +198,3 @@ def flat_batch(batch: dict) -> dict:
   if "valid" in batch:
     out["valid"] = batch["valid"]
   return out
-
-
-class SpeechTokenBatches:
-  """Shuffled, resumable per-process generator batches of a :class:`SpeechTokenSource`
-  (the image pipeline's :class:`TrainIterator` order)."""
-
-  def __init__(self, source: SpeechTokenSource, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    self._batches = data_pipeline.TrainIterator(source, global_batch_size, seed,
-                                                process_index, process_count)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    return flat_batch(next(self._batches))
-
-  def get_state(self) -> dict:
-    return self._batches.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._batches.set_state(state)

@@ -229,7 +229,8 @@ def run_generator(config, workdir: str, mesh) -> None:
   source = lambda split: speech_tokens.speech_token_source(config, workdir, split,
                                                            task.num_positions, tokenizer)
   train, evaluation = source(config.data.train_split), source(config.data.eval_split)
-  train_iter = speech_tokens.SpeechTokenBatches(train, gcfg.batch_size, config.seed, pid, count)
+  train_iter = token_cache.TokenBatches(train, gcfg.batch_size, config.seed, pid, count,
+                                        to_batch=speech_tokens.flat_batch)
   eval_pass = lambda: (speech_tokens.flat_batch(b) for b in data_pipeline.sequential_batches(
       evaluation, gcfg.eval_batch_size, pid, count, gcfg.eval_examples or None))
   result = trainer.train_and_evaluate(task, gcfg, workdir, train_iter, eval_pass, mesh,

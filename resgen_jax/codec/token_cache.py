@@ -33,7 +33,7 @@ import json
 import os
 import struct
 import zipfile
-from typing import Callable, Iterable, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -325,18 +325,21 @@ def token_source(workdir: str, split: str, num_classes: int,
 
 class TokenBatches:
   """Shuffled, resumable, per-process batches ``{"codes": [B/P, h, w, D], "label"}`` of
-  cached codes: the data iterator of the image stages over a token source."""
+  cached codes: the generator's data iterator over a token source (the image pipeline's
+  order). ``to_batch`` maps a pipeline batch to the generator's (speech:
+  ``audio.speech_tokens.flat_batch``, which keeps the padding masks and text)."""
 
   def __init__(self, source, global_batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, to_batch: Optional[Callable[[dict], dict]] = None):
     self._batches = data_lib.TrainIterator(source, global_batch_size, seed, process_index,
                                            process_count)
+    self._to_batch = to_batch or _token_batch
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return _token_batch(next(self._batches))
+    return self._to_batch(next(self._batches))
 
   def get_state(self) -> dict:
     return self._batches.get_state()
